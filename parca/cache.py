@@ -1,0 +1,126 @@
+"""The KV cache and the indexer-key cache, owned by the engine and created by the model's factory.
+
+Layout: one contiguous row per *slot* (a slot is a request's place in the cache), per layer:
+
+    k[l], v[l]   (n_slots, max_len, H_kv, D)
+    ik[l]        (n_slots, max_len, D_I)        indexer keys, only when the model carries indexers
+
+Why contiguous rows rather than pages (see docs/DESIGN-notes.md for the numbers):
+* dense decode reads ``k[l][slot, :len]`` as a *view*: no gather of the whole context per step, so the
+  dense baseline runs at memory speed and the sparse/dense comparison is honest;
+* sparse attention gathers selected rows from that same view by absolute position (what FlashMLA's
+  absolute slot indices do on GPU), and the indexer scores the view ``ik[l][slot, :len]``;
+* prefix reuse copies a prefix's rows into the new slot (one memcpy per layer, far cheaper than
+  re-prefilling), and cancelling a request frees its slot at once.
+The price is that each slot reserves ``max_len`` rows; the engine sizes ``n_slots`` from a memory budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ContextError
+
+
+@dataclass
+class CacheSpec:
+    """What a model needs cached per token per layer (from the model factory)."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    index_dim: int | None  # None: no indexer-key cache
+    dtype: torch.dtype
+    index_dtype: torch.dtype = torch.float32
+
+    def bytes_per_token(self) -> int:
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        kv = self.n_kv_heads * (self.head_dim + self.v_head_dim) * elt
+        ik = 0 if self.index_dim is None else self.index_dim * torch.empty((), dtype=self.index_dtype).element_size()
+        return self.n_layers * (kv + ik)
+
+
+class KVCache:
+    """Preallocated per-slot KV rows (+ indexer keys) for every layer, with a length per slot."""
+
+    def __init__(self, spec: CacheSpec, n_slots: int, max_len: int, device: torch.device | str = "cpu") -> None:
+        if n_slots <= 0 or max_len <= 0:
+            raise ValueError(f"cache needs n_slots > 0 and max_len > 0, got {n_slots}, {max_len}")
+        self.spec, self.n_slots, self.max_len = spec, n_slots, max_len
+        self.device = torch.device(device)
+        shape = (n_slots, max_len, spec.n_kv_heads)
+        self.k = [torch.zeros(*shape, spec.head_dim, dtype=spec.dtype, device=device) for _ in range(spec.n_layers)]
+        self.v = [torch.zeros(*shape, spec.v_head_dim, dtype=spec.dtype, device=device) for _ in range(spec.n_layers)]
+        self.ik: list[Tensor] | None = None
+        if spec.index_dim is not None:
+            self.ik = [
+                torch.zeros(n_slots, max_len, spec.index_dim, dtype=spec.index_dtype, device=device)
+                for _ in range(spec.n_layers)
+            ]
+        self.lengths = [0] * n_slots
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    # ---- slot management ------------------------------------------------------------------------
+    def allocate(self) -> int:
+        """Take a free slot (length reset to 0)."""
+        if not self._free:
+            raise ContextError(f"all {self.n_slots} cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            return
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Reuse the first n cached tokens of slot ``src`` in slot ``dst`` (prefix reuse by copying rows)."""
+        for layer in range(self.spec.n_layers):
+            self.k[layer][dst, :n].copy_(self.k[layer][src, :n])
+            self.v[layer][dst, :n].copy_(self.v[layer][src, :n])
+            if self.ik is not None:
+                self.ik[layer][dst, :n].copy_(self.ik[layer][src, :n])
+        self.lengths[dst] = n
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        if self.ik is not None:
+            total += sum(t.numel() * t.element_size() for t in self.ik)
+        return total
+
+    def index_nbytes(self) -> int:
+        return 0 if self.ik is None else sum(t.numel() * t.element_size() for t in self.ik)
+
+    # ---- per-layer access used by the models ---------------------------------------------------
+    def check_room(self, slot: int, start: int, n: int) -> None:
+        if start + n > self.max_len:
+            raise ContextError(
+                f"cache slot {slot} holds {self.max_len} tokens; writing {n} at position {start} needs {start + n}"
+            )
+
+    def write(self, layer: int, slot: int, start: int, k: Tensor, v: Tensor, ik: Tensor | None = None) -> None:
+        """k, v (T,H_kv,D) and ik (T,D_I) of one sequence, written at positions start..start+T-1."""
+        t = k.shape[0]
+        self.k[layer][slot, start : start + t] = k
+        self.v[layer][slot, start : start + t] = v
+        if ik is not None:
+            if self.ik is None:
+                raise ValueError("this cache was created without an indexer-key store")
+            self.ik[layer][slot, start : start + t] = ik.to(self.ik[layer].dtype)
+
+    def view(self, layer: int, slot: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(1,end,H_kv,D) views of keys/values and (1,end,D_I) indexer keys: no copy."""
+        k = self.k[layer][slot : slot + 1, :end]
+        v = self.v[layer][slot : slot + 1, :end]
+        ik = None if self.ik is None else self.ik[layer][slot : slot + 1, :end]
+        return k, v, ik
