@@ -187,8 +187,11 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str | None 
     # A checkpoint that stores DeepSeek-named indexers but no index_* fields in config.json.
     if cfg.sparse is None and any(".self_attn.indexer." in k for k in state):
         raise CheckpointError(f"{model_dir}: weights hold indexer tensors but config.json has no index_* fields")
+    cls = model_class(cfg)
+    if hasattr(cls, "prepare_state"):  # family-specific conversion (e.g. DeepSeek fp8 block scales -> dequantised)
+        state = cls.prepare_state(state, cfg)
     with torch.device("meta"):
-        model = model_class(cfg)(cfg, dtype=tdtype)
+        model = cls(cfg, dtype=tdtype)
     _load_state(model, state, str(model_dir), tdtype)
     model.to(device)
     model.rotary.to(device)

@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t_load = time.perf_counter()
     model, tok = _load(args)
     load_s = time.perf_counter() - t_load
-    engine = Engine(model, tok, max_slots=1)
+    engine = Engine(model, tok, max_slots=1, price_per_hour=args.price_per_hour)
     ids = engine.encode_prompt(prompt, chat=args.chat)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -133,7 +133,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         out = {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                "attention": result.attention, "usage": result.usage,
-               "timings": {"load_s": load_s, **result.timings}}
+               "timings": {"load_s": load_s, **result.timings},
+               "meter": result.meter.to_dict() if result.meter else None}
         print(json.dumps(out))
     else:
         sys.stdout.write("\n")
@@ -141,6 +142,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens, {result.attention}; "
               f"prefill {t['prefill_s']:.2f}s, decode {t['decode_s']:.2f}s, finish: {result.finish_reason}]",
               file=sys.stderr)
+        if result.meter is not None:
+            m = result.meter
+            print(f"[cost ${m.cost_usd:.3g} at ${m.price_per_hour:g}/h; dense would cost ${m.dense_cost_usd:.3g} "
+                  f"(estimated); {m.flops / 1e9:.3g} GFLOP]", file=sys.stderr)
     return 0
 
 
@@ -214,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, usage, timings")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, usage, timings, meter")
+    p.add_argument("--price-per-hour", type=float, default=1.0, help="USD per machine-hour for the meter (default 1.0)")
     _add_sparse_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -240,7 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="1k,8k,32k,64k,128k")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cost)
+
+    # Subcommands that live beside their library code register themselves (their modules import no torch
+    # at import time): each has ``register(subparsers)``.
+    import importlib
+
+    for mod in SUBCOMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
     return parser
+
+
+SUBCOMMAND_MODULES: list[str] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .errors import ContextError, ParcaError
+from .meter import DEFAULT_PRICE_PER_HOUR, Metering, RequestMeter
 from .models.base import ATTENTION_MODES, ForwardContext
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -60,6 +61,8 @@ class GenerationResult:
     decode_s: float = 0.0
     ttft_s: float = 0.0
     e2e_s: float = 0.0
+    cached_tokens: int = 0
+    meter: "RequestMeter | None" = None
 
     @property
     def completion_tokens(self) -> int:
@@ -68,7 +71,8 @@ class GenerationResult:
     @property
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     @property
     def timings(self) -> dict[str, float]:
@@ -103,6 +107,7 @@ class _Request:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
+    cached: int = 0  # prompt tokens whose cache rows were reused, not recomputed
 
 
 def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -135,7 +140,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: Tokenizer | None = None, *, max_slots: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 2048, max_chunk_bytes: int = 64 * 2**20) -> None:
+                 prefill_chunk: int = 2048, max_chunk_bytes: int = 64 * 2**20,
+                 price_per_hour: float = DEFAULT_PRICE_PER_HOUR, meter_device: str = "cpu",
+                 metering: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_slots = max_slots
@@ -144,6 +151,10 @@ class Engine:
         self.max_chunk_bytes = max_chunk_bytes
         self.cache: KVCache | None = None
         self._next_id = 0
+        self.price_per_hour = price_per_hour
+        self.metering = metering
+        self._meter_device = meter_device
+        self._meterings: dict[int | None, Metering] = {}
         cfg = model.config
         self.context_limit = cfg.max_position_embeddings
         eos = set(cfg.eos_token_id)
@@ -280,12 +291,30 @@ class Engine:
             r.text = full
         return StreamEvent(r.rid, None, rest, self._result(r))
 
+    def metering_for(self) -> Metering:
+        sc = getattr(self.model, "sparse_config", None)
+        key = None if sc is None else id(sc)
+        if key not in self._meterings:
+            self._meterings[key] = Metering(self.model.config, sc, price_per_hour=self.price_per_hour,
+                                            device=self._meter_device, prefill_chunk=self.prefill_chunk)
+        m = self._meterings[key]
+        m.price_per_hour = self.price_per_hour
+        return m
+
     def _result(self, r: _Request) -> GenerationResult:
-        return GenerationResult(
+        res = GenerationResult(
             request_id=r.rid, text=r.text, token_ids=list(r.out), prompt_tokens=len(r.prompt),
             finish_reason=r.finish or "length", attention=r.params.attention, prefill_s=r.prefill_s,
             decode_s=r.decode_s, ttft_s=r.ttft_s, e2e_s=time.perf_counter() - r.submitted,
+            cached_tokens=r.cached,
         )
+        if self.metering:
+            res.meter = self.metering_for().measure(
+                attention=r.params.attention, prompt_tokens=res.prompt_tokens, cached_prompt_tokens=r.cached,
+                completion_tokens=res.completion_tokens, prefill_s=res.prefill_s, decode_s=res.decode_s,
+                ttft_s=res.ttft_s, e2e_s=res.e2e_s, index_topk=r.topk,
+            )
+        return res
 
     def _run(self, reqs: list[_Request]) -> Iterator[StreamEvent]:
         self._ensure_cache(reqs)
