@@ -1,0 +1,1 @@
+"""Benchmarks and reports: cost curves, serving load, document runs (see also the scripts in benchmarks/)."""
