@@ -65,13 +65,18 @@ class KVCache:
         self._free = list(range(n_slots - 1, -1, -1))
 
     # ---- slot management ------------------------------------------------------------------------
-    def allocate(self) -> int:
-        """Take a free slot (length reset to 0)."""
+    def allocate(self, slot: int | None = None) -> int:
+        """Take a free slot (``slot`` if given); its rows keep their contents for prefix reuse."""
         if not self._free:
             raise ContextError(f"all {self.n_slots} cache slots are in use")
-        slot = self._free.pop()
+        if slot is None:
+            slot = self._free[-1]
+        self._free.remove(slot)
         self.lengths[slot] = 0
         return slot
+
+    def free_list(self) -> list[int]:
+        return list(self._free)
 
     def free(self, slot: int) -> None:
         if slot in self._free:

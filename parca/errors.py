@@ -23,3 +23,7 @@ class ContextError(ParcaError):
 
 class MemoryBudgetError(ParcaError):
     """The weights and cache would not fit in the memory available."""
+
+
+class QueueFullError(ParcaError):
+    """The engine's queue is full: the request is refused (HTTP 429), retry later."""

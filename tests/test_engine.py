@@ -103,3 +103,84 @@ def test_generate_matches_transformers_qwen3(hf_dirs):
                           pad_token_id=2)[0, len(ids):].tolist()
     assert res.token_ids == ref
     assert res.text == tok.decode(ref)
+
+
+# ---- serving features: submit/step, prefix reuse, cancellation, admission --------------------------
+def _run_all(eng):
+    results = {}
+    while eng.has_work:
+        for ev in eng.step():
+            if ev.result is not None:
+                results[ev.request_id] = ev.result
+    return results
+
+
+def test_prefix_reuse_identical_output(hf_dirs):
+    path = hf_dirs["llama"][0]
+    eng = Engine(load_model(path), None, max_slots=2, max_len=256, prefill_chunk=16, prefix_block=8)
+    prompt = list(range(5, 75))
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    first = eng.generate([prompt], p)[0]
+    again = eng.generate([prompt], p)[0]
+    assert again.token_ids == first.token_ids and first.cached_tokens == 0
+    assert again.cached_tokens == 64 == again.usage["prompt_tokens_details"]["cached_tokens"]
+    # a longer prompt sharing the prefix, while another request holds the matching slot (copy path)
+    longer = prompt + list(range(80, 100))
+    ref = Engine(load_model(path), None, max_slots=1, prefix_block=0).generate([longer], p)[0]
+    busy = eng.submit(list(range(200, 230)), SamplingParams(max_new_tokens=30, ignore_eos=True))
+    got = eng.generate([longer], p)[0]
+    assert got.token_ids == ref.token_ids and got.cached_tokens == 64
+    assert eng.stats["prefix_hit_tokens"] >= 128
+    _run_all(eng)
+    assert eng.cache.free_slots == 2
+
+
+def test_prefix_not_shared_across_attention_modes(hf_dirs):
+    from parca.config import SparseConfig
+
+    m = load_model(hf_dirs["llama"][0])
+    m.add_indexers(SparseConfig(index_n_heads=2, index_head_dim=16, index_topk=8, index_rope_dim=8), seed=0)
+    eng = Engine(m, None, max_slots=2, max_len=256, prefix_block=8)
+    prompt = list(range(5, 60))
+    eng.generate([prompt], SamplingParams(max_new_tokens=2, attention="dense"))
+    sp = eng.generate([prompt], SamplingParams(max_new_tokens=2, attention="sparse"))[0]
+    assert sp.cached_tokens == 0  # sparse layers make other keys than dense ones: no reuse across modes
+
+
+def test_submit_step_interleaves_and_matches_one_by_one(hf_dirs):
+    path = hf_dirs["qwen2"][0]
+    p = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    prompts = [list(range(3, 3 + n)) for n in (90, 7, 40)]
+    single = Engine(load_model(path), None, max_slots=1, prefix_block=0)
+    ref = [single.generate([q], p)[0].token_ids for q in prompts]
+    eng = Engine(load_model(path), None, max_slots=3, max_len=256, prefill_chunk=16, max_batch_tokens=20,
+                 prefix_block=0)
+    ids = [eng.submit(q, p) for q in prompts]
+    res = _run_all(eng)
+    assert [res[i].token_ids for i in ids] == ref
+
+
+def test_cancel_frees_slot_and_queue_refuses(hf_dirs):
+    from parca.errors import QueueFullError
+
+    eng = Engine(load_model(hf_dirs["llama"][0]), None, max_slots=1, max_len=128, max_queue=1, prefix_block=0)
+    p = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    a = eng.submit(list(range(5, 20)), p)
+    eng.step()
+    b = eng.submit(list(range(5, 25)), p)  # waits: the only slot is busy
+    with pytest.raises(QueueFullError):
+        eng.submit(list(range(5, 30)), p)
+    assert eng.cancel(a) and eng.cancel(b) and not eng.cancel(12345)
+    eng.step()
+    assert not eng.has_work and eng.cache.free_slots == 1 and eng.stats["cancelled"] == 2
+
+
+def test_cache_memory_sets_slots(hf_dirs):
+    m = load_model(hf_dirs["llama"][0])
+    per_token = m.cache_spec().bytes_per_token()
+    eng = Engine(m, None, max_len=128, cache_memory=per_token * 128 * 3 + 10)
+    assert eng.cache.n_slots == 3 and eng.cache.nbytes() <= per_token * 128 * 3
+    with pytest.raises(ParcaError, match="holds no slot"):
+        Engine(m, None, max_len=128, cache_memory=100)
+    with pytest.raises(ContextError, match="each cache slot holds 128"):
+        eng.submit(list(range(200)))
