@@ -142,7 +142,8 @@ class MemoryEstimate:
 def estimate_memory(cfg: ModelConfig, context: int, dtype: str | None = None, batch: int = 1) -> MemoryEstimate:
     elt = dtype_bytes(dtype or cfg.torch_dtype)
     weights = cfg.parameter_count() * elt
-    cache = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elt * context * batch
+    cache = cfg.num_hidden_layers * cfg.kv_bytes_per_token_per_layer * elt // dtype_bytes(cfg.torch_dtype) \
+        * context * batch
     if cfg.sparse is not None:
         cache += cfg.num_hidden_layers * cfg.sparse.index_head_dim * 4 * context * batch
     return MemoryEstimate(weights, cache, available_memory_bytes())
@@ -219,8 +220,10 @@ def _load_state(model: torch.nn.Module, state: dict[str, Tensor], where: str, dt
             raise CheckpointError(
                 f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} from config.json"
             )
-        # weights_proj of the indexer stays float32 (DeepSeek keeps it so); everything else takes the model dtype.
-        new_state[name] = t.to(ref.dtype if ref.dtype == torch.float32 and name.endswith("weights_proj.weight") else dtype)
+        # The indexer's weights_proj and the MoE gate's score-correction bias stay float32 (DeepSeek and HF keep
+        # them so: rounding the bias to bf16 can change which experts are picked); the rest takes the model dtype.
+        keep32 = ref.dtype == torch.float32 and name.endswith(("weights_proj.weight", "e_score_correction_bias"))
+        new_state[name] = t.to(torch.float32 if keep32 else dtype)
     model.load_state_dict(new_state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -23,6 +23,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
 }
 
 
@@ -97,7 +98,14 @@ class ModelConfig:
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def kv_bytes_per_token_per_layer(self) -> int:
-        """Bytes the KV cache holds per token per layer at the model's dtype."""
+        """Bytes the KV cache holds per token per layer at the model's dtype.
+
+        MLA (DeepSeek, ``kv_lora_rank`` in ``extra``): one latent row shared by all heads, the normalised
+        ``c_kv`` plus the RoPE key, ``(kv_lora_rank + qk_rope_head_dim) x dtype`` = 1152 B in bf16 for V3.2.
+        """
+        if self.extra.get("kv_lora_rank"):
+            latent = int(self.extra["kv_lora_rank"]) + int(self.extra["qk_rope_head_dim"])
+            return latent * dtype_bytes(self.torch_dtype)
         return 2 * self.num_key_value_heads * self.head_dim * dtype_bytes(self.torch_dtype)
 
     @property
@@ -106,6 +114,8 @@ class ModelConfig:
 
     def parameter_count(self) -> int:
         """Parameter count computed from the config alone (no weights read)."""
+        if self.extra.get("kv_lora_rank"):
+            return self._mla_parameter_count()
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
@@ -121,6 +131,25 @@ class ModelConfig:
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return emb + L * per_layer + h + head
+
+    def _mla_parameter_count(self) -> int:
+        """DeepSeek MLA + MoE (+ DSA indexers): every expert counted, MTP layers not (parca does not load them)."""
+        x, h, H = self.extra, self.hidden_size, self.num_attention_heads
+        rq, r = int(x.get("q_lora_rank") or 0), int(x["kv_lora_rank"])
+        dn, dr, dv = int(x["qk_nope_head_dim"]), int(x["qk_rope_head_dim"]), int(x["v_head_dim"])
+        b = self.attention_bias
+        q = (h * rq + (rq if b else 0) + rq + rq * H * (dn + dr)) if rq else h * H * (dn + dr)
+        attn = q + h * (r + dr) + ((r + dr) if b else 0) + r + r * H * (dn + dv) + H * dv * h + (h if b else 0)
+        if self.sparse is not None:
+            hi, di = self.sparse.index_n_heads, self.sparse.index_head_dim
+            attn += (rq or h) * hi * di + h * di + 2 * di + h * hi  # wq_b, wk, k_norm (LayerNorm), weights_proj
+        n_exp, im = int(x.get("n_routed_experts") or 0), int(x.get("moe_intermediate_size") or 0)
+        moe = n_exp * 3 * h * im + int(x.get("n_shared_experts") or 0) * 3 * h * im + n_exp * h + n_exp
+        dense = 3 * h * self.intermediate_size
+        n_moe = sum(1 for layer in range(self.num_hidden_layers) if mla_layer_is_moe(self, layer))
+        total = self.num_hidden_layers * (attn + 2 * h) + n_moe * moe + (self.num_hidden_layers - n_moe) * dense
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + total + h + head
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-4 style config.json (the dialect most checkpoints use)."""
@@ -152,6 +181,18 @@ class ModelConfig:
             d.update(self.sparse.to_dict())
         d.update(self.extra)
         return d
+
+
+def mla_layer_is_moe(cfg: ModelConfig, layer: int) -> bool:
+    """Whether DeepSeek layer ``layer`` has the MoE block (else a dense MLP): ``mlp_layer_types`` when the
+    config lists it (transformers 5), else ``layer >= first_k_dense_replace`` and ``layer % moe_layer_freq == 0``."""
+    x = cfg.extra
+    types = x.get("mlp_layer_types")
+    if types:
+        return types[layer] == "sparse"
+    if not int(x.get("n_routed_experts") or 0):
+        return False
+    return layer >= int(x.get("first_k_dense_replace") or 0) and layer % int(x.get("moe_layer_freq") or 1) == 0
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
@@ -236,6 +277,11 @@ def config_from_hf_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
     if family == "qwen2":
         attention_bias, o_bias = True, False
 
+    head_dim = int(raw.get("head_dim") or hidden // n_heads)
+    if family == "deepseek_v32":
+        # MLA: the q.k width is nope + rope (192 for V3.2); HF writes head_dim = qk_rope_head_dim, which is not it
+        head_dim = int(need("qk_nope_head_dim")) + int(need("qk_rope_head_dim"))
+
     sparse = None
     if "index_n_heads" in raw and "index_topk" in raw:
         sparse = SparseConfig(
@@ -259,7 +305,7 @@ def config_from_hf_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
         num_hidden_layers=int(need("num_hidden_layers")),
         num_attention_heads=n_heads,
         num_key_value_heads=int(raw.get("num_key_value_heads") or n_heads),
-        head_dim=int(raw.get("head_dim") or hidden // n_heads),
+        head_dim=head_dim,
         max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,

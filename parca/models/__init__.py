@@ -12,6 +12,7 @@ MODEL_CLASSES: dict[str, str] = {
     "qwen2": "parca.models.llama:LlamaForCausalLM",
     "qwen3": "parca.models.llama:LlamaForCausalLM",
     "mistral": "parca.models.llama:LlamaForCausalLM",
+    "deepseek_v32": "parca.models.deepseek:DeepseekV32ForCausalLM",
 }
 
 
