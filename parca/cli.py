@@ -25,7 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
 
 
 def _add_sparse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention", default="dense", choices=["dense", "sparse"], help="attention mode (default: dense)")
+    p.add_argument("--attention", default=None, choices=["dense", "sparse"],
+                   help="attention mode (default: sparse for checkpoints that carry indexers, e.g. DeepSeek-V3.2; "
+                        "else dense)")
     p.add_argument("--indexer", default=None, help="indexer adapter directory (from `parca indexer init` / `parca retrofit`)")
     p.add_argument("--index-topk", type=int, default=None, help="tokens each query selects (overrides the adapter's k)")
 
@@ -61,6 +63,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     if cfg.sparse:
         info["index_bytes_per_token_per_layer"] = cfg.sparse.index_head_dim * 4
+    deployed = None
+    if "kv_lora_rank" in cfg.extra:  # MLA: also DeepSeek's deployed (fp8) layout, as the cost presets use it
+        from . import cost
+
+        deployed = {"kv_bytes_per_token_per_layer": cost.kv_bytes_per_token_per_layer(cfg, 1)}
+        if cfg.sparse:
+            deployed["index_bytes_per_token_per_layer"] = cost.indexer_bytes_per_token_per_layer(cfg.sparse, "fp8")
+        info["fp8_layout"] = deployed
     if args.json:
         print(json.dumps(info))
         return 0
@@ -79,6 +89,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         s = cfg.sparse
         lines.append(f"indexer        {s.index_n_heads} heads x {s.index_head_dim}, top-k {s.index_topk}, "
                      f"keys {s.index_head_dim * 4} B/token/layer (float32)")
+    if deployed:
+        lines.append(f"fp8 layout     latent {deployed['kv_bytes_per_token_per_layer']} B/token/layer (512 fp8 + 4 fp32 "
+                     f"scales + 64 bf16 rope)" + (f" + indexer {deployed['index_bytes_per_token_per_layer']} B "
+                                                  f"(128 fp8 + fp32 scale)" if cfg.sparse else ""))
     verdict = "fits" if est.fits else "does NOT fit"
     lines.append(f"memory @ {context:,} tokens: weights {fmt_bytes(est.weights)} + cache {fmt_bytes(est.cache)} = "
                  f"{fmt_bytes(est.total)}; available {fmt_bytes(est.available)} -> {verdict}")
@@ -120,7 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = engine.encode_prompt(prompt, chat=args.chat)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=args.stop or [], attention=args.attention, index_topk=args.index_topk,
+        seed=args.seed, stop=args.stop or [], index_topk=args.index_topk,
+        attention=args.attention or ("sparse" if model.config.sparse is not None else "dense"),
     )
     result = None
     for ev in engine.stream(ids, params):

@@ -146,3 +146,21 @@ def test_error_prompt_file_missing(capsys, hf_dirs, tmp_path):
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "parca", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "generate" in r.stdout
+
+
+def test_info_deepseek_v32_bytes(capsys, tmp_path):
+    """From config.json alone: 1152 B bf16 latent, 656 B fp8 layout, 132 B fp8 indexer keys per token per layer."""
+    from pathlib import Path
+
+    from parca import cost
+    from parca.config import load_config
+
+    shutil.copy(Path(__file__).parent / "data" / "deepseek_v32_config.json", tmp_path / "config.json")
+    code, out, _ = run(capsys, "info", "--model", str(tmp_path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["kv_bytes_per_token_per_layer"] == 1152
+    assert info["fp8_layout"] == {"kv_bytes_per_token_per_layer": 656, "index_bytes_per_token_per_layer": 132}
+    cfg, sc, _ = cost.preset("deepseek-v3.2")  # the cost presets agree with parca info
+    assert cost.kv_bytes_per_token_per_layer(cfg) == 1152 == load_config(tmp_path).kv_bytes_per_token_per_layer
+    assert cost.indexer_bytes_per_token_per_layer(sc, "fp8") == 132
+    assert info["memory"]["cache"] < 20 * 2**30  # 61 x 1152 B x 163840 tokens (+ indexer keys), not a GQA estimate
