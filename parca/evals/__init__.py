@@ -31,3 +31,14 @@ __all__ = [
     "register_task",
     "score",
 ]
+
+# The runner, fidelity, perplexity and user data (library API; torch is imported inside the functions, so
+# importing parca.evals stays light):
+#     result = run_eval(model, tokenizer, tasks="niah_single_1,vt", lengths="4k,8k", samples=5, out="runs/x")
+#     fid = fidelity(model, tokenizer, "docs/", lengths=[4096]); ppl = perplexity(model, tokenizer, "docs/")
+from parca.evals.fidelity import fidelity, load_texts  # noqa: E402
+from parca.evals.perplexity import perplexity  # noqa: E402
+from parca.evals.run import EvalResult, run_eval  # noqa: E402
+from parca.evals.userdata import UserRecord, load_user_data  # noqa: E402
+
+__all__ += ["EvalResult", "UserRecord", "fidelity", "load_texts", "load_user_data", "perplexity", "run_eval"]
