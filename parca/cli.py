@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMAND_MODULES: list[str] = ["parca.evals.cli", "parca.bench.cli"]
+SUBCOMMAND_MODULES: list[str] = ["parca.evals.cli", "parca.bench.cli", "parca.server_cli"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -326,7 +326,7 @@ class Engine:
                 if ev is not None:
                     events.append(ev)
         budget = self.max_batch_tokens - len(decoding)
-        for r in [r for r in self._running if r.pos < len(r.prompt)]:
+        for r in [r for r in self._running if r.pos < len(r.prompt) and r.finish is None]:
             if budget <= 0:
                 break
             n = min(budget, self.prefill_chunk, len(r.prompt) - r.pos)

@@ -72,6 +72,10 @@ def register(subparsers: Any) -> None:
     q.add_argument("--out", default="parca-bench/docs", help="output directory (default parca-bench/docs)")
     q.set_defaults(func=cmd_docs)
 
+    from .serve import register_serve
+
+    register_serve(sub)
+
 
 # ---- shared -------------------------------------------------------------------------------------
 def _load(args: argparse.Namespace, context: int | None = None) -> tuple[Any, str | None]:
