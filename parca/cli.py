@@ -167,18 +167,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---- indexer ----------------------------------------------------------------------------------
 def cmd_indexer_init(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, save_adapter
-    from .config import SparseConfig
+    from .train import default_sparse_config, init_indexers, synthetic_calibration
+    from .train.init import derived_supported
 
     model = load_model(args.model, device="cpu")
-    sc = SparseConfig(index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
-                      index_topk=args.index_topk,
-                      index_rope_dim=args.index_rope_dim if args.index_rope_dim is not None
-                      else min(32, args.index_head_dim))
-    model.add_indexers(sc, seed=args.seed)
-    save_adapter(model, args.out, extra={"init": "random", "seed": args.seed})
+    method = args.init
+    if method == "auto":  # derived where the model's shapes allow it (it measured better), else random
+        hd = model.config.head_dim
+        fits = (args.index_head_dim in (None, hd)) and (args.index_rope_dim in (None, hd))
+        method = "derived" if fits and derived_supported(model.config) else "random"
+    sc = default_sparse_config(model.config, method, n_heads=args.index_n_heads, head_dim=args.index_head_dim,
+                               rope_dim=args.index_rope_dim, topk=args.index_topk)
+    calib = synthetic_calibration(args.model) if method == "derived" else None
+    init_indexers(model, sc, method, args.seed, calibration=calib)
+    save_adapter(model, args.out, extra={"init": method, "seed": args.seed})
     n = sum(t.numel() for t in model.indexer_state_dict().values())
     print(f"wrote {args.out}: {model.config.num_hidden_layers} layers x {sc.index_n_heads} heads x {sc.index_head_dim}, "
-          f"top-k {sc.index_topk}, {n:,} parameters (random init, seed {args.seed})")
+          f"top-k {sc.index_topk}, {n:,} parameters ({method} init, seed {args.seed})")
+    return 0
+
+
+def cmd_indexer_merge(args: argparse.Namespace) -> int:
+    from .train import merge_adapter
+
+    out = merge_adapter(args.model, args.indexer, args.out)
+    print(f"wrote {out}: {args.model} with the indexers of {args.indexer} (DeepSeek tensor names, index_* in config.json)")
     return 0
 
 
@@ -241,15 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("indexer", help="indexer adapters")
     isub = p.add_subparsers(dest="indexer_command", metavar="ACTION", required=True)
-    q = isub.add_parser("init", help="a fresh (random) indexer set for a model, saved as an adapter")
+    q = isub.add_parser("init", help="a fresh indexer set for a model (untrained), saved as an adapter")
     q.add_argument("--model", required=True)
     q.add_argument("--out", required=True, help="adapter directory to write")
-    q.add_argument("--index-n-heads", type=int, default=4)
-    q.add_argument("--index-head-dim", type=int, default=64)
-    q.add_argument("--index-rope-dim", type=int, default=None, help="leading dims with RoPE (default: min(32, head dim))")
+    q.add_argument("--init", default="auto", choices=["auto", "derived", "random"],
+                   help="derived: from the model's own q/k projections (needs index head dim = model head dim; "
+                        "measured better); random: nn.Linear init; auto (default): derived where possible")
+    q.add_argument("--index-n-heads", type=int, default=None, help="default 4")
+    q.add_argument("--index-head-dim", type=int, default=None, help="default: the model's head dim for derived, else 64")
+    q.add_argument("--index-rope-dim", type=int, default=None, help="leading dims with RoPE (derived: the head dim)")
     q.add_argument("--index-topk", type=int, default=2048)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_indexer_init)
+    q = isub.add_parser("merge", help="a full checkpoint with an adapter's indexers built in (DeepSeek tensor names)")
+    q.add_argument("--model", required=True)
+    q.add_argument("--indexer", required=True, help="adapter directory")
+    q.add_argument("--out", required=True, help="new (or empty) directory to write")
+    q.set_defaults(func=cmd_indexer_merge)
 
     p = sub.add_parser("cost", help="analytic cost per token position, dense vs sparse ($ per M tokens)")
     p.add_argument("--model", default=None)
@@ -271,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMAND_MODULES: list[str] = ["parca.evals.cli", "parca.bench.cli", "parca.server_cli"]
+SUBCOMMAND_MODULES: list[str] = ["parca.evals.cli", "parca.bench.cli", "parca.train_cli", "parca.server_cli"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
