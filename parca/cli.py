@@ -17,7 +17,7 @@ from .errors import ParcaError
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     if device:
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -223,6 +223,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo -------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .cost import parse_positions
+    from .demo import run_demo
+
+    run_demo(args.model, args.indexer, context=parse_positions(args.context)[0] if args.context else None,
+             quick=args.quick, positions=parse_positions(args.positions) if args.positions else None,
+             price_per_hour=args.price_per_hour, out=args.out, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parca", description="Frugal long-context inference with DeepSeek Sparse Attention.")
@@ -230,10 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="architecture, sizes, KV-cache bytes and memory fit, from config.json alone")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     p.add_argument("--context", type=int, default=None, help="tokens to size the cache for (default: max context)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the whole story on the shipped model: facts in a long document asked dense "
+                                    "and sparse, cost per token position, a report")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--indexer", default=None, help="indexer adapter (default: the shipped one)")
+    p.add_argument("--context", default=None, help="document length, e.g. 8k (default 8k; 2k with --quick)")
+    p.add_argument("--positions", default=None, help="cost-curve positions (default 1k,4k,16k,64k)")
+    p.add_argument("--quick", action="store_true", help="short documents and a short curve (about a minute)")
+    p.add_argument("--price-per-hour", type=float, default=1.0, help="USD per machine-hour (default 1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="parca-demo", help="report directory (default parca-demo)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="complete a prompt (streams to the terminal)")
     _add_model_args(p)
@@ -255,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("indexer", help="indexer adapters")
     isub = p.add_subparsers(dest="indexer_command", metavar="ACTION", required=True)
     q = isub.add_parser("init", help="a fresh indexer set for a model (untrained), saved as an adapter")
-    q.add_argument("--model", required=True)
+    q.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     q.add_argument("--out", required=True, help="adapter directory to write")
     q.add_argument("--init", default="auto", choices=["auto", "derived", "random"],
                    help="derived: from the model's own q/k projections (needs index head dim = model head dim; "
@@ -267,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_indexer_init)
     q = isub.add_parser("merge", help="a full checkpoint with an adapter's indexers built in (DeepSeek tensor names)")
-    q.add_argument("--model", required=True)
+    q.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     q.add_argument("--indexer", required=True, help="adapter directory")
     q.add_argument("--out", required=True, help="new (or empty) directory to write")
     q.set_defaults(func=cmd_indexer_merge)
@@ -307,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from .assets import apply_defaults
+
+        apply_defaults(args)
         return int(args.func(args) or 0)
     except ParcaError as e:
         print(f"parca: error: {e}", file=sys.stderr)

@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer
 
     if args.model is None:
-        raise ParcaError("--model DIR is required (no default model ships yet)")
+        raise ParcaError("--model DIR is required")
     for flag, v in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-slots", args.max_slots)):
         if v is None or v < 0 or (flag != "--port" and v == 0):
             raise ParcaError(f"{flag} must be {'>= 0' if flag == '--port' else 'positive'}, got {v}")

@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
     """Add ``retrofit`` to the ``parca`` subcommands."""
     p = sub.add_parser("retrofit", help="train a lightning indexer onto a dense model (warm-up / sparse stage)",
                        description=RETROFIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="text files, directories (*.txt/*.md/*.jsonl, recursive), JSONL with a 'text' field, "
                         "or 'synthetic' (generated long-range retrieval text for smoke runs)")

@@ -21,7 +21,7 @@ DEFAULT_PRICE_PER_HOUR = 1.0  # same placeholder as parca.meter: set the real pr
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model directory (required for now)")
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     p.add_argument("--indexer", default=None, help="indexer adapter directory (from `parca indexer init` / "
                                                    "`parca retrofit`); not needed for a checkpoint with indexers")
     p.add_argument("--random-indexer", action="store_true",
@@ -86,7 +86,7 @@ def _load(args: argparse.Namespace, context: int | None = None) -> tuple[Any, st
     from ..config import SparseConfig
 
     if args.model is None:
-        raise ParcaError("--model DIR is required (no default model ships yet)")
+        raise ParcaError("--model DIR is required")
     if args.threads is not None:
         if args.threads < 1:
             raise ParcaError(f"--threads must be >= 1, got {args.threads}")

@@ -23,7 +23,7 @@ from parca.errors import ParcaError
 
 
 def _common(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--model", required=required, default=None, help="Hugging Face model directory")
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     p.add_argument("--indexer", default=None, help="indexer adapter directory (needed for sparse attention)")
     p.add_argument("--index-topk", type=int, default=None, help="keys each sparse query selects (default: the adapter's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
