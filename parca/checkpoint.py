@@ -89,6 +89,13 @@ def read_safetensors(paths: Iterable[Path]) -> dict[str, Tensor]:
     return out
 
 
+def _umask_mode() -> int:
+    """0o666 under the process umask: what a plain open() would create (mkstemp makes 0o600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write via a temp file in the same folder + rename: a crash never leaves a half-written file."""
     from safetensors.torch import save_file
@@ -98,6 +105,7 @@ def write_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: d
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -110,6 +118,7 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 
