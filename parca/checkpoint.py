@@ -91,9 +91,13 @@ def read_safetensors(paths: Iterable[Path]) -> dict[str, Tensor]:
 
 def _umask_mode() -> int:
     """0o666 under the process umask: what a plain open() would create (mkstemp makes 0o600 files)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    try:  # read it without os.umask(), which would briefly change it for every thread
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def write_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
