@@ -1,0 +1,571 @@
+"""Train parca's small default model from scratch on this CPU, reproducibly.
+
+One script does everything: a ByteLevel BPE tokenizer (``tokenizers``) trained on the shipped public-domain
+prose plus generated task text; a Llama-architecture model built with parca's own ``LlamaForCausalLM`` (so the
+parameter names are Hugging Face's); a length curriculum over a mix of prose LM windows and generated long-range
+retrieval samples (passkeys, needles, key-value lookups, variable chains, from ``parca.evals`` task generators
+with training seeds >= 10**6, disjoint from evaluation seeds); export to HF format in bf16.
+
+The recipe is ``STAGES`` below: stage 1 (prose LM + retrieval), then stage 2 (adds copy rows), each a length
+curriculum (LEN:STEPS phases; batch = --tokens-per-step // LEN rows). Stage 2 starts from stage 1's weights.
+
+Usage::
+
+    python scripts/train_default_model.py --check              # tokenizer + stage 1 + stage 2 + export to
+                                                               # parca/assets/default; prints its wall time
+    python scripts/train_default_model.py --phases-override stage2=512:2000,4096:100,8192:50   # change a curriculum
+    python scripts/train_default_model.py --eval-only --lengths 1k,4k,8k --n 20   # greedy accuracy via Engine
+    python scripts/train_default_model.py --probe              # tokens/s at each curriculum length, no training
+
+Training runs on a private forward (``train_forward``) that reuses the model's own modules with
+``scaled_dot_product_attention(is_causal=True)`` (batched, no KV cache); ``--check`` asserts it matches
+``model(ids)``.
+
+Resumable: model + optimizer + step are written atomically to ``--work-dir/<stage>/ckpt.pt`` every
+``--save-every`` steps and at the end of every phase (plus a bf16 export per phase); rerunning the same command
+resumes (``--fresh`` ignores checkpoints). Batch data for step ``s`` of stage ``i`` comes from a RNG seeded by
+``(--seed + i, s)``, so a resumed run reads the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from parca.checkpoint import save_model  # noqa: E402
+from parca.config import ModelConfig  # noqa: E402
+from parca.evals.haystack import prose_text  # noqa: E402
+from parca.evals.tasks import get_task  # noqa: E402
+from parca.models.layers import apply_rope  # noqa: E402
+from parca.models.llama import LlamaForCausalLM  # noqa: E402
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TRAIN_SEED_BASE = 10**6  # eval generators use small seeds; training seeds start here
+
+# Retrieval task mix (weights). All generators come from parca.evals.tasks.
+TASK_MIX = {
+    "passkey": 0.20,
+    "niah_single_1": 0.14,
+    "niah_single_2": 0.14,
+    "niah_single_3": 0.04,
+    "niah_multikey_1": 0.10,
+    "niah_multikey_2": 0.10,
+    "niah_multikey_3": 0.04,
+    "niah_multivalue": 0.06,
+    "niah_multiquery": 0.06,
+    "vt": 0.12,
+}
+# The recipe: stage 1 is LM + retrieval; stage 2 adds copy rows (a prose span repeated later in the window, the
+# copy supervised) which form induction heads fast, and runs longer at short lengths before 4K/8K.
+STAGES = [
+    {"name": "stage1", "phases": "512:100,1024:90,2048:25,4096:20", "lr": 3e-3, "warmup": 20,
+     "prose_frac": 0.15, "copy_frac": 0.0},
+    {"name": "stage2", "phases": "512:180,1024:40,2048:16,4096:12,8192:8", "lr": 2e-3, "warmup": 10,
+     "prose_frac": 0.10, "copy_frac": 0.30},
+]
+DEFAULT_PHASES = STAGES[-1]["phases"]  # what --probe measures
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def tokenizer_corpus(n_task_samples: int = 300) -> list[str]:
+    """Prose paragraphs plus rendered task samples (so template phrases and numbers get sensible merges)."""
+    texts = [p for p in prose_text().split("\n\n") if p.strip()]
+    names = list(TASK_MIX)
+    for i in range(n_task_samples):
+        t = get_task(names[i % len(names)])
+        plan = t.plan(TRAIN_SEED_BASE - 1 - i, i, None)
+        ctx = plan.build(60, 0)
+        texts.append(plan.instruction + "\n\n" + ctx + "\n\n" + plan.question + plan.qa_sep + plan.answer_prefix
+                     + " " + answer_text(t.name, plan.answers))
+    return texts
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS, EOS, PAD] + ROLE_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+def answer_text(task: str, answers: list[str]) -> str:
+    """The completion trained after the task's answer prefix (scored by substring / first integer)."""
+    if task == "vt":
+        return " ".join(answers) + "."
+    if len(answers) == 1:
+        return answers[0] + "."
+    return ", ".join(answers[:-1]) + " and " + answers[-1] + "."
+
+
+class DataSource:
+    """Batches of (ids, weights) rows: prose LM windows and retrieval samples that fill the window."""
+
+    def __init__(self, tok, prose_frac: float, answer_weight: float, prompt_keep: float = 0.15,
+                 copy_frac: float = 0.0) -> None:
+        self.copy_frac = copy_frac
+        self.tok = tok
+        self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, tok.token_id(PAD)
+        self.prose = torch.tensor(tok.encode(prose_text()), dtype=torch.long)
+        self.prose_frac = prose_frac
+        self.answer_weight = answer_weight
+        self.prompt_keep = prompt_keep
+        self.names = list(TASK_MIX)
+        self.weights = [TASK_MIX[n] for n in self.names]
+        self._rate: dict[str, tuple[float, int]] = {}  # task -> (tokens per haystack unit, fixed tokens)
+
+    def _units_rate(self, task, plan) -> tuple[float, int]:
+        if task.name not in self._rate:
+            fixed = len(self.tok.encode(plan.instruction + "\n\n" + "\n\n" + plan.question + plan.qa_sep
+                                        + plan.answer_prefix)) + 24
+            n = 64 if task.name.startswith("niah_multikey_2") or task.name.startswith("niah_multikey_3") else 400
+            per = len(self.tok.encode(plan.build(n, 0))) / n
+            self._rate[task.name] = (per, fixed)
+        return self._rate[task.name]
+
+    def retrieval_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+        task = get_task(rng.choices(self.names, self.weights)[0])
+        seed = TRAIN_SEED_BASE + rng.randrange(10**9)
+        plan = task.plan(seed, 0, round(rng.uniform(0, 100), 2) if task.has_depth else None)
+        per, fixed = self._units_rate(task, plan)
+        target = rng.uniform(0.6, 1.0) * L  # vary the length so the needle's absolute distance varies too
+        n = max(plan.n_min, int((target - fixed) / per))
+        if plan.n_max is not None:
+            n = min(n, plan.n_max)
+        ans = self.tok.encode(" " + answer_text(task.name, plan.answers)) + [self.eos]
+        for _ in range(6):
+            prompt = self.tok.encode(plan.instruction + "\n\n" + plan.build(n, 0) + "\n\n" + plan.question
+                                     + plan.qa_sep + plan.answer_prefix)
+            ids = [self.bos] + prompt + ans
+            if len(ids) <= L:
+                break
+            n = max(plan.n_min, int(n * 0.9))
+        else:
+            ids = ids[-L:]
+        # LM loss on a random share of the prompt (the haystack repeats: cheap copying practice), full weight on
+        # the answer span.
+        w = [1.0 if rng.random() < self.prompt_keep else 0.0 for _ in range(len(ids) - len(ans))]
+        w += [self.answer_weight] * len(ans)
+        return ids, w
+
+    def prose_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+        start = rng.randrange(0, max(1, len(self.prose) - L))
+        ids = [self.bos] + self.prose[start : start + L - 1].tolist()
+        return ids, [1.0] * len(ids)
+
+    def copy_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+        """A prose window whose last ``s`` tokens repeat an earlier span: dense supervision for copying."""
+        s = rng.randint(8, max(8, min(96, L // 4)))
+        n = L - 1 - s
+        start = rng.randrange(0, max(1, len(self.prose) - n))
+        base = self.prose[start : start + n].tolist()
+        p = rng.randrange(0, max(1, len(base) - s - 16))
+        seg = base[p : p + s]
+        ids = [self.bos] + base + seg
+        w = [1.0 if rng.random() < self.prompt_keep else 0.0 for _ in range(1 + len(base))]
+        w += [1.0] + [5.0] * (len(seg) - 1)  # the copy's first token cannot be known; the rest can
+        return ids, w
+
+    def batch(self, step_seed: int, L: int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B,L) and per-target weights (B,L) (weight of predicting ids[:, t] from ids[:, :t]; 0 = pad)."""
+        rng = random.Random(step_seed)
+        ids = torch.full((B, L), self.pad, dtype=torch.long)
+        w = torch.zeros(B, L)
+        n_prose = sum(1 for _ in range(B) if rng.random() < self.prose_frac)
+        # (stage 1 draws no copy rows and consumes no RNG for them, so its data is unchanged by this option)
+        n_copy = sum(1 for _ in range(B) if rng.random() < self.copy_frac) if self.copy_frac > 0 else 0
+        for b in range(B):
+            if b < n_prose:
+                row, wr = self.prose_row(rng, L)
+            elif b < n_prose + n_copy:
+                row, wr = self.copy_row(rng, L)
+            else:
+                row, wr = self.retrieval_row(rng, L)
+            ids[b, : len(row)] = torch.tensor(row)
+            w[b, : len(wr)] = torch.tensor(wr)
+        w[:, 0] = 0.0  # BOS is never a target
+        return ids, w
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model
+
+
+def make_config(args, vocab_size: int, bos: int, eos: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM", family="llama", vocab_size=vocab_size, hidden_size=args.hidden,
+        intermediate_size=args.intermediate, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+        max_position_embeddings=args.max_position, rms_norm_eps=1e-5, rope_theta=args.rope_theta,
+        tie_word_embeddings=False, torch_dtype="float32", bos_token_id=bos, eos_token_id=[eos],
+    )
+
+
+def init_weights(model: LlamaForCausalLM, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n_layers = model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            torch.nn.init.ones_(p)
+        elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+            torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers), generator=g)
+        else:
+            torch.nn.init.normal_(p, 0.0, 0.02, generator=g)
+
+
+def train_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """ids (B,T) -> final normed hidden states (B,T,hidden); the same math as ``model(ids)``, batched, no cache."""
+    cfg = model.config
+    B, T = ids.shape
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pos = torch.arange(T, device=ids.device)[None].expand(B, T)
+    h = model.model.embed_tokens(ids)
+    cos, sin = model.rotary(pos, h.dtype)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = apply_rope(a.q_proj(x).view(B, T, H, D), cos, sin).transpose(1, 2)  # (B,H,T,D)
+        k = apply_rope(a.k_proj(x).view(B, T, Hkv, D), cos, sin).transpose(1, 2)
+        v = a.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)  # (B,H,T,D)
+        h = h + a.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.model.norm(h)
+
+
+def weighted_loss(model, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
+    """Weighted next-token CE over the positions with weight > 0 only (the LM head runs on those rows alone).
+
+    Returns (loss, mean CE of answer tokens (weight > 1), detached)."""
+    hs, tgt, ws = hidden[:, :-1], ids[:, 1:], w[:, 1:]
+    sel = ws > 0
+    logits = model.lm_head(hs[sel]).float()  # (N,V)
+    ce = F.cross_entropy(logits, tgt[sel], reduction="none")
+    wsel = ws[sel]
+    ans = wsel > 1.0
+    ans_ce = ce[ans].mean().detach() if ans.any() else ce.new_zeros(())
+    return (ce * wsel).sum() / wsel.sum(), ans_ce
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+
+
+def parse_phases(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        L, s = part.split(":")
+        out.append((int(L), int(s)))
+    return out
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def save_ckpt(path: Path, model, opt, step: int, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt.", suffix=".tmp")
+    os.close(fd)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def export(model, tok_dir: Path, out_dir: Path) -> None:
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(copy.deepcopy(model).to("cpu"), out_dir, dtype="bfloat16")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if tok_dir.resolve() != out_dir.resolve():
+            shutil.copyfile(tok_dir / f, out_dir / f)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        os.chmod(out_dir / f, 0o644)  # atomic writes create 0600 files; shipped assets are world-readable
+
+
+def build_model(args, tok) -> LlamaForCausalLM:
+    cfg = make_config(args, tok.vocab_size, tok.bos_id, tok.eos_id)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(cfg, dtype=torch.float32)
+    init_weights(model, args.seed)
+    return model
+
+
+def train(args) -> None:
+    from parca.tokenizer import Tokenizer
+
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        log("training tokenizer")
+        train_tokenizer(tok_dir, args.vocab)
+    tok = Tokenizer(tok_dir)
+    log(f"tokenizer: {tok.vocab_size} tokens")
+    model = build_model(args, tok).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M params, config {json.dumps(model.config.to_hf_dict())}")
+    if args.check:
+        ids = torch.randint(0, tok.vocab_size, (1, 64)).to(args.device)
+        with torch.no_grad():
+            ref = model(ids)
+            got = model.lm_head(train_forward(model, ids))
+        err = (ref - got).abs().max().item()
+        log(f"check: train_forward vs model(ids) max |diff| = {err:.2e}")
+        assert err < 1e-4, err
+    overrides = dict(o.split("=", 1) for o in args.phases_override)
+    all_stats = []
+    prev_ckpt: Path | None = None
+    for si, stage in enumerate(STAGES):
+        phases_text = overrides.get(stage["name"], stage["phases"])
+        stats = run_stage(args, model, tok, tok_dir, work / stage["name"], si, stage, phases_text, prev_ckpt)
+        all_stats.append(stats)
+        prev_ckpt = work / stage["name"] / "ckpt.pt"
+    out = Path(args.out)
+    export(model, tok_dir, out)
+    train_s = sum(st["train_wall_s"] for st in all_stats)
+    summary = {"params": n_params, "stages": all_stats, "steps": sum(st["steps"] for st in all_stats),
+               "tokens_seen": sum(st["tokens_seen"] for st in all_stats), "train_wall_s": round(train_s, 1),
+               "script_wall_s_this_run": round(time.time() - t0, 1)}
+    (work / "train_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"exported to {out}; {json.dumps(summary)}")
+    log(f"wall time (this invocation): {time.time() - t0:.1f}s; training wall time incl. resumed parts: {train_s:.1f}s")
+
+
+def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict, phases_text: str,
+              prev_ckpt: Path | None) -> dict:
+    """One stage of the recipe: its own data mix, LR schedule, optimizer and checkpoint (``sdir/ckpt.pt``)."""
+    from tqdm import tqdm
+
+    data = DataSource(tok, stage["prose_frac"], args.answer_weight, copy_frac=stage["copy_frac"])
+    phases = parse_phases(phases_text)
+    total = sum(s for _, s in phases)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=stage["lr"], betas=(0.9, 0.95), eps=1e-8)
+    ckpt = sdir / "ckpt.pt"
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if ckpt.is_file() and not args.fresh:
+        st = torch.load(ckpt, map_location=args.device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = int(st["step"])
+        tokens_seen = int(st["meta"].get("tokens_seen", 0))
+        elapsed_before = float(st["meta"].get("train_s", 0.0))
+        log(f"{stage['name']}: resumed from {ckpt} at step {step}/{total} ({tokens_seen:,} tokens, "
+            f"{elapsed_before:.0f}s before)")
+    elif prev_ckpt is not None:
+        model.load_state_dict(torch.load(prev_ckpt, map_location=args.device, weights_only=True)["model"])
+        log(f"{stage['name']}: starts from the weights of {prev_ckpt} (fresh optimizer)")
+    log(f"{stage['name']}: phases {phases_text}, lr {stage['lr']}, prose {stage['prose_frac']}, "
+        f"copy {stage['copy_frac']}")
+    model.train()
+    bar = tqdm(total=total, initial=step, file=sys.stdout, mininterval=5, dynamic_ncols=False, ncols=120)
+    t_train = time.time()
+    ema = ema_ans = None
+    boundary = 0
+    for L, n_steps in phases:
+        boundary += n_steps
+        if step >= boundary:
+            continue
+        B = max(1, args.tokens_per_step // L)
+        while step < boundary:
+            ids, w = data.batch((args.seed + si) * 1_000_003 + step, L, B)
+            ids, w = ids.to(args.device), w.to(args.device)
+            lr = lr_at(step, total, stage["lr"], stage["warmup"])
+            for g in opt.param_groups:
+                g["lr"] = lr
+            hidden = train_forward(model, ids)
+            loss, ans_loss = weighted_loss(model, hidden, ids, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            tokens_seen += int((ids != data.pad).sum())  # every token the model read (pads excluded)
+            ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+            ema_ans = ans_loss.item() if ema_ans is None else 0.9 * ema_ans + 0.1 * ans_loss.item()
+            bar.set_postfix_str(f"L={L} B={B} loss={ema:.3f} ans={ema_ans:.3f} lr={lr:.1e} tok={tokens_seen/1e6:.2f}M")
+            bar.update(1)
+            if step % args.log_every == 0:
+                bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']} step {step}/{total} L={L} loss {ema:.3f} "
+                          f"answer-loss {ema_ans:.3f} tokens {tokens_seen:,}")
+            if step % args.save_every == 0 or step == boundary:
+                meta = {"tokens_seen": tokens_seen, "train_s": elapsed_before + time.time() - t_train,
+                        "phases": phases_text}
+                save_ckpt(ckpt, model, opt, step, meta)
+                if step == boundary:
+                    export(model, tok_dir, sdir / f"export_L{L}")
+                    bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']} phase L={L} done; "
+                              f"exported {sdir / f'export_L{L}'}")
+    bar.close()
+    return {"name": stage["name"], "phases": phases_text, "steps": step, "tokens_seen": tokens_seen,
+            "train_wall_s": round(elapsed_before + time.time() - t_train, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# probe and eval
+
+
+def probe(args) -> None:
+    from parca.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(tok_dir, args.vocab)
+    tok = Tokenizer(tok_dir)
+    model = build_model(args, tok)
+    log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+    data = DataSource(tok, STAGES[-1]["prose_frac"], args.answer_weight, copy_frac=STAGES[-1]["copy_frac"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for L, _ in parse_phases(args.phases):
+        B = max(1, args.tokens_per_step // L)
+        times = []
+        for i in range(2):
+            td = time.time()
+            ids, w = data.batch(i, L, B)
+            td = time.time() - td
+            t = time.time()
+            loss, _ = weighted_loss(model, train_forward(model, ids), ids, w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.time() - t)
+        log(f"L={L} B={B}: {B * L / times[-1]:.0f} tok/s ({times[-1]:.2f}s/step, data {td:.2f}s) loss {loss.item():.3f}")
+
+
+def evaluate(args) -> dict:
+    from parca.checkpoint import load_model
+    from parca.engine import Engine, SamplingParams
+    from parca.evals.scoring import score
+    from parca.evals.tasks.base import parse_length
+    from parca.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model_dir or args.out)
+    tok = Tokenizer(model_dir)
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    model = load_model(model_dir, dtype=args.eval_dtype, context=max(lengths))
+    eng = Engine(model, tok, max_slots=1, max_len=max(lengths) + 64)
+    results = {}
+    for task_name in args.tasks.split(","):
+        task = get_task(task_name)
+        for L in lengths:
+            t = time.time()
+            scores = []
+            for i in range(args.n):
+                s = task.generate(tok, L, seed=args.eval_seed, index=i)
+                r = eng.generate([s.prompt], SamplingParams(max_new_tokens=min(s.max_new_tokens, 24)))[0]
+                scores.append(score(s.metric, r.text, s.answers))
+                if args.verbose:
+                    print(f"  {task_name} L={L} i={i} ans={s.answers} got={r.text!r}", flush=True)
+            acc = 100.0 * sum(scores) / len(scores)
+            results[f"{task_name}@{L}"] = acc
+            log(f"{task_name:16s} L={L:6d}  {acc:5.1f}  (n={len(scores)}, {time.time() - t:.0f}s)")
+    print(json.dumps(results))
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default=str(ROOT / "build" / "default_model"), help="checkpoints, tokenizer, exports")
+    p.add_argument("--out", default=str(ROOT / "parca" / "assets" / "default"), help="final HF-format model dir")
+    p.add_argument("--phases", default=DEFAULT_PHASES, help="lengths --probe measures (LEN:STEPS,...)")
+    p.add_argument("--phases-override", action="append", default=[], metavar="STAGE=LEN:STEPS,...",
+                   help="replace a stage's curriculum, e.g. stage2=512:100,2048:20 (repeatable)")
+    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = max(1, this // LEN) rows")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=704)
+    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=500000.0)
+    p.add_argument("--max-position", type=int, default=32768)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of answer tokens")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="training device (cpu, cuda); export is always CPU bf16")
+    p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--resume", action="store_true", help="(default behaviour) resume from --work-dir/ckpt.pt")
+    p.add_argument("--check", action="store_true", help="assert train_forward == model(ids) first")
+    p.add_argument("--probe", action="store_true", help="measure tokens/s per curriculum length and exit")
+    p.add_argument("--eval-only", action="store_true", help="greedy accuracy of --model-dir with parca's Engine")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--tasks", default="passkey,niah_single_1,niah_single_2")
+    p.add_argument("--lengths", default="1k,4k,8k")
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--eval-seed", type=int, default=0)
+    p.add_argument("--eval-dtype", default=None, help="weights dtype for eval (default: the checkpoint's, bf16)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    if args.probe:
+        probe(args)
+    elif args.eval_only:
+        evaluate(args)
+    else:
+        train(args)
+    log(f"total wall time {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
