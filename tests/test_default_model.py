@@ -114,3 +114,12 @@ def test_greedy_passkey_at_1k_is_correct(model, tok) -> None:
     samples, texts = _passkey_outputs(model, tok)
     for s, text in zip(samples, texts):
         assert score("passkey", text, s.answers) == 1.0, (s.answers, text)
+
+
+def test_shipped_adapter_matches_the_model():
+    from parca.assets import DEFAULT_INDEXER, DEFAULT_MODEL
+    from parca.checkpoint import load_model
+
+    m = load_model(DEFAULT_MODEL, indexer=DEFAULT_INDEXER)  # refused if made for other weights
+    assert m.sparse_config.index_topk == 256 and m.sparse_config.index_n_heads == 4
+    assert (DEFAULT_INDEXER / "training.json").is_file()

@@ -26,3 +26,12 @@ def test_demo_quick_writes_report(tmp_path, capsys):
         assert r["prompt_tokens"] <= 1024 and r["dense"]["cost_usd"] > 0 and r["sparse"]["cost_usd"] > 0
     assert [r["position"] for r in doc["curve"]["rows"]] == [1024, 2048]
     assert (out / "report.md").read_text().startswith("# parca demo") and (out / "curve" / "curve.png").is_file()
+
+
+def test_demo_quick_on_the_shipped_model(tmp_path, capsys):
+    """The README's main command, shortened: default model and adapter, no --model given."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--context", "1k", "--positions", "1k,2k", "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["model"].endswith("default") and doc["indexer"].endswith("indexer") and doc["index_topk"] == 256
+    assert (out / "report.md").is_file() and len(doc["facts"]) == 2
