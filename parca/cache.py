@@ -4,6 +4,7 @@ Layout: one contiguous row per *slot* (a slot is a request's place in the cache)
 
     k[l], v[l]   (n_slots, max_len, H_kv, D)
     ik[l]        (n_slots, max_len, D_I)        indexer keys, only when the model carries indexers
+    iks[l]       (n_slots, max_len)             per-token float32 scales, only for int8 indexer keys
 
 Why contiguous rows rather than pages (see docs/DESIGN-notes.md for the numbers):
 * dense decode reads ``k[l][slot, :len]`` as a *view*: no gather of the whole context per step, so the
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import ContextError
+from .sparse.quant import quantize_int8_rows
 
 
 @dataclass
@@ -41,6 +43,8 @@ class CacheSpec:
         elt = torch.empty((), dtype=self.dtype).element_size()
         kv = self.n_kv_heads * (self.head_dim + self.v_head_dim) * elt
         ik = 0 if self.index_dim is None else self.index_dim * torch.empty((), dtype=self.index_dtype).element_size()
+        if self.index_dim is not None and self.index_dtype == torch.int8:
+            ik += 4  # the per-token float32 scale
         return self.n_layers * (kv + ik)
 
 
@@ -56,11 +60,15 @@ class KVCache:
         self.k = [torch.zeros(*shape, spec.head_dim, dtype=spec.dtype, device=device) for _ in range(spec.n_layers)]
         self.v = [torch.zeros(*shape, spec.v_head_dim, dtype=spec.dtype, device=device) for _ in range(spec.n_layers)]
         self.ik: list[Tensor] | None = None
+        self.iks: list[Tensor] | None = None  # scales of int8 indexer keys
         if spec.index_dim is not None:
             self.ik = [
                 torch.zeros(n_slots, max_len, spec.index_dim, dtype=spec.index_dtype, device=device)
                 for _ in range(spec.n_layers)
             ]
+            if spec.index_dtype == torch.int8:
+                self.iks = [torch.zeros(n_slots, max_len, dtype=torch.float32, device=device)
+                            for _ in range(spec.n_layers)]
         self.lengths = [0] * n_slots
         self._free = list(range(n_slots - 1, -1, -1))
 
@@ -95,16 +103,17 @@ class KVCache:
             self.v[layer][dst, :n].copy_(self.v[layer][src, :n])
             if self.ik is not None:
                 self.ik[layer][dst, :n].copy_(self.ik[layer][src, :n])
+            if self.iks is not None:
+                self.iks[layer][dst, :n].copy_(self.iks[layer][src, :n])
         self.lengths[dst] = n
 
     def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in self.k + self.v)
-        if self.ik is not None:
-            total += sum(t.numel() * t.element_size() for t in self.ik)
-        return total
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + self.index_nbytes()
 
     def index_nbytes(self) -> int:
-        return 0 if self.ik is None else sum(t.numel() * t.element_size() for t in self.ik)
+        if self.ik is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.ik + (self.iks or []))
 
     # ---- per-layer access used by the models ---------------------------------------------------
     def check_room(self, slot: int, start: int, n: int) -> None:
@@ -121,7 +130,13 @@ class KVCache:
         if ik is not None:
             if self.ik is None:
                 raise ValueError("this cache was created without an indexer-key store")
-            self.ik[layer][slot, start : start + t] = ik.to(self.ik[layer].dtype)
+            if self.iks is not None:
+                # int8 keys, one scale per token (~4x smaller than float32; scored exactly by VNNI dots)
+                q, scale = quantize_int8_rows(ik)
+                self.ik[layer][slot, start : start + t] = q
+                self.iks[layer][slot, start : start + t] = scale.squeeze(-1)
+            else:
+                self.ik[layer][slot, start : start + t] = ik.to(self.ik[layer].dtype)
 
     def view(self, layer: int, slot: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(1,end,H_kv,D) views of keys/values and (1,end,D_I) indexer keys: no copy."""
@@ -129,3 +144,7 @@ class KVCache:
         v = self.v[layer][slot : slot + 1, :end]
         ik = None if self.ik is None else self.ik[layer][slot : slot + 1, :end]
         return k, v, ik
+
+    def index_scale(self, layer: int, slot: int, end: int) -> Tensor | None:
+        """(1,end) float32 per-token scales of int8 indexer keys (None for float keys): ``view``'s companion."""
+        return None if self.iks is None else self.iks[layer][slot : slot + 1, :end]

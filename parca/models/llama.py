@@ -69,8 +69,11 @@ class Attention(nn.Module):
                     icos, isin = index_rope[0][b : b + 1], index_rope[1][b : b + 1]
                     qi = self.indexer.queries(xb, icos, isin)
                     w = self.indexer.head_weights(xb)
+                    # int8 keys come with per-token scales; ascending positions suit the in-place row reads
+                    iks = cache.index_scale(self.layer, slot, end)
                     idx = dsa.select_topk(qi, w, ikc, q_pos, topk, window=self.window,
-                                          max_chunk_bytes=ctx.max_chunk_bytes)
+                                          max_chunk_bytes=ctx.max_chunk_bytes, order="position",
+                                          **({} if iks is None else {"k_scale": iks}))
             if idx is None:
                 o = dsa.dense(qb, kc, vc, q_pos, self.scale, window=self.window, max_chunk_bytes=ctx.max_chunk_bytes)
             else:
@@ -81,7 +84,9 @@ class Attention(nn.Module):
                     q_in=x[b : b + 1], indexer=self.indexer,
                     index_cos=None if index_rope is None else index_rope[0][b : b + 1],
                     index_sin=None if index_rope is None else index_rope[1][b : b + 1],
-                    index_keys=ikc, idx=idx, window=self.window,
+                    index_keys=ikc if ikc is None or ikc.is_floating_point() else
+                    dsa.dequantize_int8_rows(ikc, cache.index_scale(self.layer, slot, end).unsqueeze(-1)),
+                    idx=idx, window=self.window,
                 ))
             outs.append(o)
         o = torch.cat(outs, 0) if B > 1 else outs[0]  # (B,T,H,D)
@@ -150,12 +155,16 @@ class LlamaForCausalLM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if ".indexer." in k}
 
     # ---- cache factory -------------------------------------------------------------------------
+    # Indexer-key storage: float32, or torch.int8 + one float32 scale per token (68 B instead of 256 B per token
+    # and layer at D_I = 64; scored with exact integer dots, see parca.sparse.select).
+    index_cache_dtype: torch.dtype = torch.int8
+
     def cache_spec(self, dtype: torch.dtype | None = None) -> CacheSpec:
         cfg = self.config
         return CacheSpec(
             n_layers=cfg.num_hidden_layers, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             v_head_dim=cfg.head_dim, index_dim=self.sparse_config.index_head_dim if self.has_indexers else None,
-            dtype=dtype or self.model.embed_tokens.weight.dtype,
+            dtype=dtype or self.model.embed_tokens.weight.dtype, index_dtype=self.index_cache_dtype,
         )
 
     def make_cache(self, n_slots: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

@@ -5,6 +5,12 @@ Shapes: q (B, T, H, D); k (B, S, H_kv, D); v (B, S, H_kv, D_v); H % H_kv == 0 an
 kv head ``h // (H // H_kv)`` (GQA; MQA is H_kv = 1, e.g. DeepSeek's MLA latent). Keys are addressed by
 absolute position 0..S-1 and queries carry their absolute positions ``q_pos`` (B, T), so a chunk of
 queries on top of a cached prefix needs no special case.
+
+Inference fast paths (no autograd, CPU, float32/bf16, see ``kernels.attend_supported``): ``sparse`` reads the
+selected rows in place from the cache view (no gather copy; rows prefetched a block ahead), and a dense decode
+step runs the same kernel over all rows, split over threads and merged by log-sum-exp. On this project's
+2-core Xeon the kernel decoded 128K bf16 keys ~10x faster than SDPA's CPU kernel, whose flash loop is built
+for query blocks, not one query (benchmarks/decode.py prints both). Both keep ``reference`` as their oracle.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .select import gather_rows, visibility_mask
 
 __all__ = ["dense", "sparse", "reference", "head_summed_probs"]
@@ -37,6 +44,82 @@ def _groups(q: Tensor, k: Tensor) -> int:
     if h_kv < 1 or h % h_kv:
         raise ValueError(f"attention: query heads H={h} must be a multiple of kv heads H_kv={h_kv}")
     return h // h_kv
+
+
+def _use_kernel(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """The C attention kernel applies: inference only (no autograd), supported dtypes and shapes."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.attend_supported(q, k, v)
+
+
+def _split(rows: int, items: int) -> int:
+    """Rows per work item so that one query's (rows x kv heads) fills every thread twice over (0: no split)."""
+    want = 2 * torch.get_num_threads()
+    if items >= want or rows <= 1024:
+        return 0
+    per = -(-want // items)  # splits per kv head
+    return max(512, -(-rows // per))
+
+
+_FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _dense_prefix_split(q: Tensor, k_bhsd: Tensor, v_bhsd: Tensor, q_pos: Tensor, scale: float,
+                        max_chunk_bytes: int) -> Tensor | None:
+    """Dense attention of a query chunk on top of a cached prefix, without a mask over the prefix.
+
+    Every query of row b sees all keys before ``p0 = min(q_pos[b])``: that part runs the CPU flash kernel
+    unmasked, one kv head at a time as a single head of ``G * T`` query rows (GQA without copying kv heads);
+    the few keys from p0 on run with the causal mask; the two halves merge by their log-sum-exp. Measured on
+    512 queries over a 128K prefix (1 thread): 3.74 s with 128-query masked chunks, 2.49 s for one unmasked
+    GQA SDPA call, 1.76 s this way (K/V read once per kv head, not once per query head). Returns None when it
+    does not apply (the caller's chunked, masked path runs).
+
+    Args: as ``dense`` (k, v as (B, H_kv, S, D) views). Returns (B, T, H, D_v) in q's dtype.
+    """
+    b, t, h, d = q.shape
+    h_kv, s, dv = k_bhsd.shape[1], k_bhsd.shape[2], v_bhsd.shape[-1]
+    g = h // h_kv
+    lo_all, hi_all = q_pos.amin(1).tolist(), q_pos.amax(1).tolist()
+    if dv != d:
+        return None  # the flash kernel wants one head size for keys and values
+    if any(hi - lo + 1 > 4 * t for lo, hi in zip(lo_all, hi_all)):
+        return None  # scattered positions: not a chunk on a prefix
+    if any(hi >= s or lo < 0 for lo, hi in zip(lo_all, hi_all)):
+        return None
+    if 4 * h * t * (max(hi_all) - min(lo_all) + 1) > max_chunk_bytes:
+        return None
+    out = q.new_empty(b, t, h, dv)
+    for i in range(b):
+        p0, p1 = lo_all[i], hi_all[i] + 1
+        qi = q[i].float()  # (T, H, D)
+        # masked tail [p0, p1): explicit float32 math, T x (p1 - p0) per head
+        kt = k_bhsd[i, :, p0:p1].float().repeat_interleave(g, dim=0)  # (H, S', D)
+        vt = v_bhsd[i, :, p0:p1].float().repeat_interleave(g, dim=0)
+        sc = torch.einsum("thd,hsd->hts", qi, kt) * scale  # (H, T, S')
+        vis = torch.arange(p0, p1).view(1, 1, -1) <= q_pos[i].view(1, t, 1)
+        sc = sc.masked_fill(~vis, float("-inf"))
+        l2 = torch.logsumexp(sc, dim=-1)  # (H, T); -inf where nothing visible in the tail
+        o2 = torch.einsum("hts,hsd->htd", torch.softmax(sc, dim=-1).nan_to_num(0.0), vt)  # (H, T, D_v)
+        if p0 > 0:
+            o1 = torch.empty(h, t, dv)
+            l1 = torch.empty(h, t)
+            for j in range(h_kv):
+                # the group's G query heads as one head of G*T rows: every row sees the whole prefix
+                qg = qi[:, j * g : (j + 1) * g].transpose(0, 1).reshape(1, 1, g * t, d)
+                kj = k_bhsd[i : i + 1, j : j + 1, :p0].to(qg.dtype)
+                vj = v_bhsd[i : i + 1, j : j + 1, :p0].to(qg.dtype)
+                oj, lj = _FLASH_LSE(qg, kj, vj, 0.0, False, scale=scale)
+                o1[j * g : (j + 1) * g] = oj.view(g, t, dv)
+                l1[j * g : (j + 1) * g] = lj.view(g, t)
+            m = torch.maximum(l1, l2)
+            w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)  # l1 is finite: the prefix is never empty here
+            o = (o1 * w1.unsqueeze(-1) + o2 * w2.unsqueeze(-1)) / (w1 + w2).unsqueeze(-1)
+        else:
+            o = o2
+        out[i] = o.transpose(0, 1).to(q.dtype)
+    return out
 
 
 def dense(
@@ -76,9 +159,25 @@ def dense(
     # (B, H, T, D) views; SDPA takes strided inputs, so no copy of the cache here
     k_bhsd, v_bhsd = k.transpose(1, 2), v.transpose(1, 2)
     if t == 1 and (window is None or window >= s) and bool((q_pos == s - 1).all()):
-        # decode fast path: every cached key is visible, so no mask (the fused kernel's best case)
+        # decode fast path: every cached key is visible, so no mask
+        if _use_kernel(q, k, v):
+            out = q.new_empty(b, 1, h, v.shape[-1])
+            hi = torch.full((1,), s, dtype=torch.int64)
+            for i in range(b):
+                kernels.attend(q[i], k[i], v[i], scale, range_hi=hi, split=_split(s, k.shape[2]), out=out[i])
+            return out
+        if k.dtype != q.dtype:  # e.g. a bf16 cache under float32 weights: SDPA wants one dtype
+            k_bhsd, v_bhsd = k_bhsd.to(q.dtype), v_bhsd.to(q.dtype)
         out = _sdpa(q.transpose(1, 2), k_bhsd, v_bhsd, None, scale)
         return out.transpose(1, 2).to(q.dtype)
+    if k.dtype != q.dtype:  # one conversion of the cache span per call, then float32 SDPA
+        hi_all = min(s, int(q_pos.max()) + 1)
+        k_bhsd, v_bhsd = k_bhsd[:, :, :hi_all].to(q.dtype), v_bhsd[:, :, :hi_all].to(q.dtype)
+    if window is None and t > 1 and _FLASH_LSE is not None and not (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)):
+        out = _dense_prefix_split(q, k_bhsd, v_bhsd, q_pos, scale, max_chunk_bytes)
+        if out is not None:
+            return out
     out = q.new_empty(b, t, h, v.shape[-1])
     pos_lo = q_pos.amin(0).tolist()  # one host sync for the whole call
     pos_hi = q_pos.amax(0).tolist()
@@ -131,12 +230,22 @@ def sparse(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, *, max_ch
     out = q.new_empty(b, t, h, dv)
     if t == 0:
         return out
+    if _use_kernel(q, k, v) and idx.dtype == torch.int64:
+        # rows read in place from the cache; per call a float32 partial of (rows, H, D_v): chunk the rows
+        rows = max(1, max_chunk_bytes // (h * dv * 4 * 2))
+        split = _split(n, t * h_kv) if t == 1 else 0
+        for i in range(b):
+            for t0 in range(0, t, rows):
+                t1 = min(t, t0 + rows)
+                kernels.attend(q[i, t0:t1], k[i], v[i], scale, idx=idx[i, t0:t1], split=split, out=out[i, t0:t1])
+        return out
     # per query row: gathered k and v rows, plus float32 scores and probabilities for every head
     row_bytes = n * h_kv * (d * k.element_size() + dv * v.element_size()) + 2 * 4 * h * n
     chunk = min(t, max(1, max_chunk_bytes // max(row_bytes, 1)))
     track_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    mixed = k.dtype != q.dtype or v.dtype != q.dtype  # e.g. a bf16 cache under float32 weights
     # workspaces pay off only when several chunks reuse them (one chunk: same allocations either way)
-    ws = None if track_grad or chunk == t else _SparseWorkspace(q, k, v, b * chunk, n)
+    ws = None if track_grad or mixed or chunk == t else _SparseWorkspace(q, k, v, b * chunk, n)
     for t0 in range(0, t, chunk):
         t1 = min(t, t0 + chunk)
         tc = t1 - t0
@@ -144,7 +253,8 @@ def sparse(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, *, max_ch
         qc = q[:, t0:t1].reshape(b * tc, h_kv, g, d)  # query heads grouped by their kv head
         valid = (ic >= 0).reshape(1, b * tc, 1, n)
         if ws is None:
-            o = _sparse_chunk_autograd(qc, gather_rows(k, ic), gather_rows(v, ic), valid, scale)
+            o = _sparse_chunk_autograd(qc, gather_rows(k, ic).to(q.dtype), gather_rows(v, ic).to(q.dtype), valid,
+                                       scale)
         else:
             o = ws.run(qc, k, v, ic, valid, scale)
         # (H_kv, B*Tc, G, D_v) -> (B, Tc, H_kv, G, D_v) -> (B, Tc, H, D_v); head h = j*G + g
