@@ -182,8 +182,9 @@ def test_cli_curve(long_dir, tmp_path, capsys):
     assert json.loads(stdout)["indexer_note"].startswith("random indexer")
     assert main(["bench", "curve", "--model", str(path), "--indexer", str(adapter), "--positions", "2k"]) == 2
     assert "context of 1,024" in capsys.readouterr().err
+    # no --model: the shipped default model is used, and this adapter (made for the tiny model) is refused
     assert main(["bench", "curve", "--indexer", str(adapter)]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "indexer adapter was made for a model with hidden_size=64" in capsys.readouterr().err
 
 
 def test_cli_docs(hf_dirs, docs_dir, tmp_path, capsys):
