@@ -239,8 +239,9 @@ def test_lengths_beyond_context_refused(capsys, small):
     code, _, err = run(capsys, "eval", "--model", small[0], "--indexer", small[1], "--tasks", "passkey",
                        "--lengths", "256,1k")
     assert code == 2 and "1024" in err and "context of 512" in err
-    code, _, err = run(capsys, "eval", "--tasks", "passkey")
-    assert code == 2 and "--model" in err
+    # no --model: the shipped default model (context 32768) is used, and 64k is refused before any work
+    code, _, err = run(capsys, "eval", "--tasks", "passkey", "--lengths", "64k")
+    assert code == 2 and "context of 32768" in err
     code, _, err = run(capsys, "eval", "--model", small[0], "--indexer", small[1], "--tasks", "no_such_task",
                        "--lengths", "256")
     assert code == 2 and "unknown task" in err
