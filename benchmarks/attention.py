@@ -125,7 +125,8 @@ def main() -> None:
     print(f"\nattention layer: {H} heads x {D}, {HKV} kv heads, indexer {HI}x{DI} ({args.index_dtype} keys), top-k "
           f"{args.topk}, prefill chunk {args.chunk}; {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"C kernels {'on' if dsa.kernels.available() else 'off'}")
-    hdr = f"{'phase':8s}{'context':>9s}{'dense ms':>11s}{'sparse ms':>11s}{'select ms':>11s}{'ref ms':>10s}{'speedup':>9s}{'peak MiB d/s/ref':>20s}"
+    hdr = (f"{'phase':8s}{'context':>9s}{'dense ms':>11s}{'sparse ms':>11s}{'select ms':>11s}{'ref ms':>10s}"
+           f"{'speedup':>9s}{'peak MiB d/s/ref':>20s}")
     print(hdr)
     for r in rows:
         ref = f"{r['reference_ms']:10.2f}" if "reference_ms" in r else f"{'-':>10s}"
@@ -134,7 +135,8 @@ def main() -> None:
         print(f"{r['phase']:8s}{r['context']:>9d}{r['dense_ms']:11.2f}{r['sparse_ms']:11.2f}{r['select_ms']:11.2f}"
               f"{ref}{r['speedup']:8.2f}x{mem:>20s}")
     print(json.dumps({"benchmark": "attention", "machine": info, "topk": args.topk, "chunk": args.chunk,
-                      "index_dtype": args.index_dtype, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "kernels": dsa.kernels.available(),
+                      "index_dtype": args.index_dtype, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                      "kernels": dsa.kernels.available(),
                       "shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "index_heads": HI, "index_dim": DI},
                       "rows": rows}))
 

@@ -275,7 +275,8 @@ def main() -> None:
               f"{r['dense_tokens_per_s']:5.1f}/{r['sparse_tokens_per_s']:5.1f}")
     if any("attn_dense_torch_ms" in r for r in rows):
         print("without the C kernels (attention of all layers): " + "; ".join(
-            f"{r['context']}: dense SDPA {r['attn_dense_torch_ms']:.1f} ms, sparse torch {r['attn_sparse_torch_ms']:.1f} ms"
+            f"{r['context']}: dense SDPA {r['attn_dense_torch_ms']:.1f} ms, "
+            f"sparse torch {r['attn_sparse_torch_ms']:.1f} ms"
             for r in rows if "attn_dense_torch_ms" in r))
     r0 = rows[-1]
     print(f"indexer-key cache / KV cache bytes: {r0['index_to_kv_bytes']:.3f} "
@@ -283,7 +284,8 @@ def main() -> None:
           f"per layer); limits = byte ratios of a memory-bound step (weights + KV) / (weights + index keys + "
           f"{args.topk} rows)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    out = {"benchmark": "decode", "machine": info, "load_avg": la, "read_gbps": bw, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    out = {"benchmark": "decode", "machine": info, "load_avg": la, "read_gbps": bw,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "shape": SHAPE, "dtype": args.dtype, "kv_dtype": str(kv_dtype).replace("torch.", ""),
            "index_dtype": args.index_dtype, "topk": args.topk, "kernels": dsa.kernels.available(),
            "speedup": r0["speedup"], "attention_speedup": r0["attention_speedup"], "context": r0["context"],

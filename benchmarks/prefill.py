@@ -143,8 +143,9 @@ print(json.dumps({{"seconds": sec, "rss_before_mib": base / 1024, "peak_rss_mib"
 
 
 def full_prefill(n: int, args) -> dict[str, Any] | None:
-    script = FULL_SCRIPT.format(bench=str(Path(__file__).resolve().parent), root=str(Path(__file__).resolve().parents[1]),
-                                threads=args.threads, n=n, dtype=args.dtype, topk=args.topk,
+    here = Path(__file__).resolve()
+    script = FULL_SCRIPT.format(bench=str(here.parent), root=str(here.parents[1]), threads=args.threads, n=n,
+                                dtype=args.dtype, topk=args.topk,
                                 engine_chunk=args.engine_chunk, mcb=args.max_chunk_mib * 2**20)
     print(f"  full sparse prefill of {n} tokens in a child process (minutes) ...", file=sys.stderr, flush=True)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -211,8 +212,8 @@ def main() -> None:
           f"top-k {args.topk}")
     print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}, C kernels "
           f"{'on' if dsa.kernels.available() else 'off'}; load avg {la}")
-    print(f"{'prefix':>8s} {'dense ms':>9s} {'sparse ms':>9s} {'speedup':>8s} {'ms/token d/s':>14s} {'attn dense':>10s} "
-          f"{'attn sparse':>11s} {'attn x':>7s} {'sel. overlap':>12s}")
+    print(f"{'prefix':>8s} {'dense ms':>9s} {'sparse ms':>9s} {'speedup':>8s} {'ms/token d/s':>14s} "
+          f"{'attn dense':>10s} {'attn sparse':>11s} {'attn x':>7s} {'sel. overlap':>12s}")
     for r in rows:
         print(f"{r['context']:>8d} {r['dense_ms']:9.0f} {r['sparse_ms']:9.0f} {r['speedup']:7.2f}x "
               f"{r['dense_ms_per_token']:6.2f}/{r['sparse_ms_per_token']:5.2f}  {r['attention_dense_ms']:10.0f} "
@@ -221,11 +222,13 @@ def main() -> None:
     if full:
         print(f"whole sparse prefill of {full['tokens']} tokens: {full['seconds']:.0f} s, peak RSS "
               f"{full['peak_rss_mib']:.0f} MiB (bound {full['bound_mib']:.0f} MiB: weights and runtime "
-              f"{full['rss_before_mib']:.0f} + cache {full['cache_mib']:.0f} (index keys {full['index_cache_mib']:.0f}) "
+              f"{full['rss_before_mib']:.0f} + cache {full['cache_mib']:.0f} "
+              f"(index keys {full['index_cache_mib']:.0f}) "
               f"+ chunk workspaces); a single [T, T] float32 tensor would be {full['t_by_t_float32_mib']:.0f} MiB")
     print(f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     r0 = rows[-1]
-    out = {"benchmark": "prefill", "machine": info, "load_avg": la, "shape": SHAPE, "dtype": args.dtype, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    out = {"benchmark": "prefill", "machine": info, "load_avg": la, "shape": SHAPE, "dtype": args.dtype,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "kv_dtype": str(kv_dtype).replace("torch.", ""), "index_dtype": args.index_dtype, "topk": args.topk,
            "chunk": args.chunk, "kernels": dsa.kernels.available(), "speedup": r0["speedup"],
            "attention_speedup": r0["attention_speedup"], "context": r0["context"], "rows": rows,

@@ -14,8 +14,10 @@ cache with random keys/values (a decode step's cost does not depend on them). De
 interleaved, medians reported.
 
 Why llama.cpp is the bar: it is the standard CPU runtime, with hand-written SIMD kernels and a compact f16 KV
-cache (``--llama-kv f16``, its default), run with flash attention (its faster setting here). It has no sparse attention, so its step time grows with the context like
-parca dense does; the crossover where parca sparse wins and the ratio at each length are the result.
+cache (``--llama-kv f16``, its default). Flash attention is on by default (faster prefill; ``--no-flash-attn``
+for the other setting, whose decode is faster at long context here: report the better one). It has no sparse
+attention, so its step time grows with the context like parca dense does; the crossover where parca sparse wins
+and the ratio at each length are the result.
 """
 
 from __future__ import annotations
@@ -255,7 +257,8 @@ def main() -> None:
               f"{r['llamacpp_tokens_per_s']:10.1f} {r['sparse_vs_llamacpp']:12.2f}x {r['dense_vs_llamacpp']:11.2f}x "
               f"{r['llamacpp_prefill_tokens_per_s']:20.0f}")
     r0 = rows[-1]
-    out = {"benchmark": "vs_llamacpp", "machine": info, "load_avg": la, "shape": SHAPE, "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    out = {"benchmark": "vs_llamacpp", "machine": info, "load_avg": la, "shape": SHAPE, "threads": args.threads,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "kv_dtype": str(kv_dtype).replace("torch.", ""), "topk": args.topk, "gguf_dtype": args.gguf_dtype,
            "llamacpp_kv": args.llama_kv, "flash_attn": args.flash_attn, "llama_cpp_python": lc.__version__,
            "logits_rel_diff": err, "speedup": r0["speedup"], "sparse_vs_llamacpp": r0["sparse_vs_llamacpp"],

@@ -7,10 +7,12 @@ absolute position 0..S-1 and queries carry their absolute positions ``q_pos`` (B
 queries on top of a cached prefix needs no special case.
 
 Inference fast paths (no autograd, CPU, float32/bf16, see ``kernels.attend_supported``): ``sparse`` reads the
-selected rows in place from the cache view (no gather copy; rows prefetched a block ahead), and a dense decode
-step runs the same kernel over all rows, split over threads and merged by log-sum-exp. On this project's
-2-core Xeon the kernel decoded 128K bf16 keys ~10x faster than SDPA's CPU kernel, whose flash loop is built
-for query blocks, not one query (benchmarks/decode.py prints both). Both keep ``reference`` as their oracle.
+selected rows in place from the cache view (no gather copy; rows prefetched ahead; blocks of neighbouring
+prefill queries share one scan of the union of their rows), and a dense decode step runs the same kernel over
+all rows, split over threads and merged by log-sum-exp: for one query SDPA's CPU flash kernel (built for query
+blocks) measured 7x slower at 128K keys on one thread, ~4x on two (benchmarks/decode.py prints both). A prefill
+chunk on a cached prefix runs the flash kernel unmasked over the prefix (``_dense_prefix_split``). All keep
+``reference`` as their oracle.
 """
 
 from __future__ import annotations
