@@ -53,11 +53,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bench.common import cpu_model
 from .config import ModelConfig, SparseConfig, dtype_bytes
 from .errors import ParcaError
 
@@ -398,17 +398,6 @@ def _best_rate(fn: Any, work: float, budget: float) -> float:
     return best
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def calibrate_this_machine(seconds: float = 2.0, threads: int | None = None) -> Device:
     """Measure this machine: fp32 matmul throughput (1024^3) and read bandwidth (sum of 128 MiB).
 
@@ -433,7 +422,7 @@ def calibrate_this_machine(seconds: float = 2.0, threads: int | None = None) -> 
     finally:
         torch.set_num_threads(old)
     dev = Device("cpu", flops, None, bw, 1.0, 1.0,
-                 f"this machine: {_cpu_name()}, {n} threads, measured {flops / 1e9:.1f} GFLOP/s fp32 matmul and "
+                 f"this machine: {cpu_model()}, {n} threads, measured {flops / 1e9:.1f} GFLOP/s fp32 matmul and "
                  f"{bw / 1e9:.1f} GB/s read bandwidth (achieved rates, so efficiencies are 1.0)")
     _CALIBRATED[n] = dev
     return dev

@@ -36,7 +36,7 @@ from ..config import ModelConfig, SparseConfig, mla_layer_is_moe
 from ..errors import ConfigError
 from ..sparse.quant import fake_quant_indexer
 from .base import ForwardContext, Layerview
-from .layers import MLP, RMSNorm, Rotary
+from .layers import MLP, Backbone, RMSNorm, Rotary
 
 INDEX_PRECISIONS = ("full", "fp8")
 FP8_BLOCK = 128  # DeepSeek's weight_block_size [128, 128]
@@ -297,14 +297,6 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device=None) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-
-
 def _check_config(cfg: ModelConfig) -> None:
     where = cfg.name or "config.json"
     for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -344,7 +336,7 @@ class DeepseekV32ForCausalLM(nn.Module):
         super().__init__()
         _check_config(cfg)
         self.config = cfg
-        self.model = Backbone(cfg, dtype, device)
+        self.model = Backbone(cfg, DecoderLayer, dtype, device)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

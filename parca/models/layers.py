@@ -132,3 +132,14 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, ``num_hidden_layers`` decoder layers of ``layer_cls(cfg, index, dtype, device)``, final norm
+    (HF's ``model.`` prefix, so checkpoint names map 1:1)."""
+
+    def __init__(self, cfg, layer_cls: type, dtype, device=None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(layer_cls(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)

@@ -13,7 +13,7 @@ from .. import sparse as dsa
 from ..cache import CacheSpec, KVCache
 from ..config import ModelConfig, SparseConfig
 from .base import ForwardContext, Layerview
-from .layers import MLP, RMSNorm, Rotary, apply_rope
+from .layers import MLP, Backbone, RMSNorm, Rotary, apply_rope
 
 
 class Attention(nn.Module):
@@ -106,14 +106,6 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device=None) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-
-
 class LlamaForCausalLM(nn.Module):
     """Llama / Qwen2 / Qwen3 / Mistral. ``forward`` runs any mix of prefill chunks and decode rows through the
     engine's cache; with ``cache=None`` it is a plain full forward (a temporary cache sized to the input)."""
@@ -121,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg, dtype, device)
+        self.model = Backbone(cfg, DecoderLayer, dtype, device)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
