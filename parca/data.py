@@ -8,25 +8,28 @@
 Sources (``--data PATH [PATH...]``):
 
 * a text file (any name; ``.jsonl`` files are read as JSONL), UTF-8;
-* a directory: every ``*.txt``, ``*.md`` and ``*.jsonl`` below it, recursively, in sorted path order;
-* a JSONL file: one JSON object per line with a string ``text`` field (blank lines are skipped);
+* a directory: every ``*.txt``, ``*.md``, ``*.text`` and ``*.jsonl`` below it, recursively, in sorted path
+  order (hidden files and folders ignored);
+* a JSONL file: one JSON object per line with a string ``text`` (or ``context``) field (blank lines are
+  skipped);
 * the word ``synthetic``: generated long-range retrieval text (key/value records in filler prose, asked
   back at the end; plus the eval task generators' prompts when ``seq_len`` is long enough for them).
 
 Documents are tokenized with the model's tokenizer (no special tokens), joined with the EOS token (BOS
 when there is no EOS) after each document, and cut into ``seq_len`` windows; the tail shorter than one
-window is dropped. Every mistake (no data, binary file, JSONL line without text) is a ``DataError``
-naming the file (and line). Imports no torch at module level: ``pack`` and ``load_packed`` import it.
+window is dropped. Files are read by the shared reader (:mod:`parca.documents`) with its strict policy:
+every mistake (no data, binary file, JSONL line without text) is a ``DataError`` naming the file (and
+line). Imports no torch at module level: ``pack`` and ``load_packed`` import it.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
+from . import documents as _documents
 from .errors import ParcaError
 
 __all__ = [
@@ -43,8 +46,7 @@ __all__ = [
 ]
 
 SYNTHETIC = "synthetic"
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
-_SNIFF_BYTES = 8192
+TEXT_SUFFIXES = _documents.SUFFIXES
 
 
 class DataError(ParcaError):
@@ -55,7 +57,7 @@ class _Encoder(Protocol):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
 
-# ---- finding and reading files ------------------------------------------------------------------
+# ---- reading files (the shared reader, strict policy) --------------------------------------------
 def discover_files(paths: Sequence[str | Path]) -> list[Path]:
     """Expand ``--data`` paths into files: directories recursively (``TEXT_SUFFIXES`` only), files as given.
 
@@ -68,9 +70,10 @@ def discover_files(paths: Sequence[str | Path]) -> list[Path]:
             continue
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise DataError(f"--data {p}: directory holds no {', '.join('*' + s for s in TEXT_SUFFIXES)} files")
+                raise DataError(f"--data {p}: folder holds no {', '.join('*' + s for s in TEXT_SUFFIXES)} files")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -79,43 +82,13 @@ def discover_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
-    """A file's UTF-8 text; a NUL byte or invalid UTF-8 means binary (DataError naming the file)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"--data {path}: cannot read ({e.strerror or e})") from None
-    if b"\x00" in raw[:_SNIFF_BYTES]:
-        raise DataError(f"--data {path}: binary file (NUL bytes); retrofit reads UTF-8 text, Markdown or JSONL only")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"--data {path}: not UTF-8 text (invalid byte at offset {e.start}); binary files cannot be training "
-            "data, convert the file to UTF-8 or leave it out"
-        ) from None
-
-
-def _jsonl_documents(path: Path, text: str) -> Iterator[str]:
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"--data {path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            got = "no 'text' field" if not isinstance(obj, dict) or "text" not in obj else \
-                f"'text' is {type(obj['text']).__name__}, not a string"
-            raise DataError(f"--data {path}:{n}: {got}; each JSONL line needs a string field \"text\"")
-        yield obj["text"]
-
-
 def read_documents(paths: Sequence[str | Path], *, tokenizer: Any = None, seq_len: int = 0,
                    synthetic_docs: int = 64, seed: int = 0) -> Iterator[tuple[str, str]]:
     """Yield ``(source, text)`` for every document of ``paths`` in order; empty documents are skipped.
 
-    ``synthetic`` entries need ``tokenizer`` and ``seq_len`` and yield ``synthetic_docs`` generated documents.
+    Files are read by :func:`parca.documents.read_documents` with the strict policy: the first binary,
+    non-UTF-8 or malformed JSONL input raises ``DataError`` naming the file and line. ``synthetic`` entries
+    need ``tokenizer`` and ``seq_len`` and yield ``synthetic_docs`` generated documents.
     """
     discover_files(paths)  # fail fast on a missing path before reading anything
     for raw in paths:
@@ -125,14 +98,9 @@ def read_documents(paths: Sequence[str | Path], *, tokenizer: Any = None, seq_le
             for doc in synthetic_documents(tokenizer, seq_len, synthetic_docs, seed=seed):
                 yield SYNTHETIC, doc
             continue
-        for path in discover_files([raw]):
-            text = _read_text(path)
-            if path.suffix.lower() == ".jsonl":
-                for doc in _jsonl_documents(path, text):
-                    if doc.strip():
-                        yield str(path), doc
-            elif text.strip():
-                yield str(path), text
+        docs, _ = _documents.read_documents(raw, flag="--data", strict=True, error_cls=DataError)
+        for d in docs:
+            yield d.path, d.text
 
 
 # ---- synthetic long-range retrieval text -------------------------------------------------------

@@ -123,7 +123,7 @@ def test_read_documents_names_every_skip(docs_dir):
     assert reasons["d_empty.txt"] == "empty"
     assert "binary" in reasons["e_blob.txt"]
     assert "UTF-8" in reasons["f_latin1.md"]
-    assert "bad JSON" in reasons["c_lines.jsonl:2"]
+    assert "not valid JSON" in reasons["c_lines.jsonl:2"]
     assert normalise("  The Answer:  42!\n") == normalise("the answer 42") == "the answer 42"
 
 

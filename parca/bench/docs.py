@@ -18,99 +18,37 @@ Summed over all documents for the summary, per document for the table and the br
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import documents as _documents
 from ..errors import ParcaError
 from . import report
 from .common import machine_info
 from .curve import _describe_model, _load_average, load_note, model_summary
 
-SUPPORTED = (".txt", ".md", ".jsonl")
-TEXT_FIELDS = ("text", "context")
-
-
-@dataclass
-class Document:
-    name: str  # file name relative to the docs folder, "file.jsonl:LINE" for JSONL lines
-    text: str
+SUPPORTED = _documents.SUFFIXES
+TEXT_FIELDS = _documents.TEXT_FIELDS
+Document = _documents.Document
 
 
 # ---- reading ----------------------------------------------------------------------------------
-def _decode(data: bytes) -> tuple[str | None, str | None]:
-    """(text, None) or (None, why not)."""
-    if b"\x00" in data[:65536]:
-        return None, "binary file (NUL bytes), not text"
-    try:
-        return data.decode("utf-8-sig"), None
-    except UnicodeDecodeError as e:
-        return None, f"not UTF-8 text (invalid byte at offset {e.start})"
-
-
 def read_documents(docs_dir: str | Path) -> tuple[list[Document], list[dict[str, str]]]:
     """Documents of a folder (recursively, sorted by path) and the skipped inputs ``{"name", "reason"}``.
 
-    Never raises for a bad file: it is listed as skipped. Hidden files and folders are ignored.
+    The shared reader (:mod:`parca.documents`) with its lenient policy: a bad file or line is listed as
+    skipped, never raised. Hidden files and folders are ignored.
     """
     root = Path(docs_dir)
     if not root.is_dir():
         raise ParcaError(f"--docs {root}: not a directory; give a folder of .txt, .md or .jsonl documents")
-    docs: list[Document] = []
-    skipped: list[dict[str, str]] = []
-    files = sorted(p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
-    for path in files:
-        if path.is_dir():
-            continue
-        name = str(path.relative_to(root))
-        if path.suffix.lower() not in SUPPORTED:
-            skipped.append({"name": name, "reason": f"unsupported file type {path.suffix or '(none)'} "
-                                                    f"(expected {', '.join(SUPPORTED)})"})
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            skipped.append({"name": name, "reason": f"unreadable ({e.strerror or e})"})
-            continue
-        text, why = _decode(data)
-        if text is None:
-            skipped.append({"name": name, "reason": why})
-            continue
-        if not text.strip():
-            skipped.append({"name": name, "reason": "empty"})
-            continue
-        if path.suffix.lower() != ".jsonl":
-            docs.append(Document(name, text))
-            continue
-        found = 0
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{name}:{i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.append({"name": where, "reason": f"bad JSON ({e.msg} at column {e.colno})"})
-                continue
-            field = next((f for f in TEXT_FIELDS if isinstance(obj, dict) and isinstance(obj.get(f), str)), None)
-            if field is None:
-                skipped.append({"name": where, "reason": "no string 'text' or 'context' field"})
-                continue
-            if not obj[field].strip():
-                skipped.append({"name": where, "reason": f"empty '{field}'"})
-                continue
-            docs.append(Document(where, obj[field]))
-            found += 1
-        if not found and not any(s["name"].startswith(name + ":") for s in skipped):
-            skipped.append({"name": name, "reason": "no documents (only blank lines)"})
-    return docs, skipped
+    docs, skipped = _documents.read_documents(root, flag="--docs", strict=False)
+    return docs, [s.as_dict() for s in skipped]
 
 
-# ---- prompts ----------------------------------------------------------------------------------
 def build_prompt(text: str, question: str | None) -> str:
     """The document, then the question when one is given (a plain continuation otherwise)."""
     return text if not question else f"{text}\n\nQuestion: {question}\nAnswer:"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from parca.evals import report
+from parca.documents import read_documents
 from parca.evals.haystack import EvalError
 from parca.evals.run import bos_note, check_lengths, model_context, parse_lengths, special_prefix
 
@@ -46,7 +47,6 @@ DEFAULT_DECODE_WINDOW = 64
 # Budget for the float32 intermediates of one chunk (model attention, recall probabilities, logits): big
 # enough that a 128K-token recall pass takes tens of query rows per call, not one.
 DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 DUMP_MAX_QUERIES = 1024  # query rows kept in a selection dump (evenly spaced when the length is longer)
 DUMP_BINS = 256  # dense-map resolution per axis
 
@@ -55,37 +55,14 @@ DUMP_BINS = 256  # dense-map resolution per axis
 def load_texts(path: str | Path) -> list[tuple[str, str]]:
     """Documents from a file or a directory, as ``(name, text)``.
 
-    A ``.jsonl`` file gives one document per line (its ``text`` field); any other file is one document; a
-    directory gives every ``.txt``/``.md``/``.text``/``.jsonl`` file in it (recursively, sorted).
+    The shared reader (:mod:`parca.documents`), strict: a ``.jsonl`` file gives one document per line (its
+    ``text`` or ``context`` field); any other file is one document; a directory gives every
+    ``.txt``/``.md``/``.text``/``.jsonl`` file in it (recursively, sorted). A bad file or line raises.
     """
-    p = Path(path)
-    if not p.exists():
-        raise EvalError(f"--text {p}: not found (expected a text file or a directory of .txt/.md/.jsonl files)")
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES) if p.is_dir() else [p]
-    if not files:
-        raise EvalError(f"--text {p}: no .txt/.md/.text/.jsonl files in this directory")
-    docs: list[tuple[str, str]] = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise EvalError(f"--text {f}: not UTF-8 text") from None
-        if f.suffix.lower() == ".jsonl":
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"--text {f} line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise EvalError(f"--text {f} line {lineno}: expected an object with a string 'text' field")
-                docs.append((f"{f}:{lineno}", obj["text"]))
-        elif text.strip():
-            docs.append((str(f), text))
+    docs, _ = read_documents(path, flag="--text", strict=True, error_cls=EvalError)
     if not docs:
-        raise EvalError(f"--text {p}: every document is empty")
-    return docs
+        raise EvalError(f"--text {path}: every document is empty")
+    return [(d.name, d.text) for d in docs]
 
 
 def _is_path(x: Any) -> bool:
