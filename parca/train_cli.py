@@ -64,8 +64,8 @@ def register(sub: Any) -> None:
                        description=RETROFIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the shipped model)")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                   help="text files, directories (*.txt/*.md/*.jsonl, recursive), JSONL with a 'text' field, "
-                        "or 'synthetic' (generated long-range retrieval text for smoke runs)")
+                   help="text files, directories (*.txt/*.md/*.text/*.jsonl, recursive), JSONL with a 'text' (or "
+                        "'context') field, or 'synthetic' (generated long-range retrieval text)")
     p.add_argument("--out", required=True, metavar="ADIR", help="output directory (adapter + training record)")
     p.add_argument("--init", default=None, metavar="random|derived|ADIR",
                    help="starting indexer: 'derived' (copies the model's own query/key heads; needs index head "
