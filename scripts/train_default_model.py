@@ -16,6 +16,8 @@ Usage::
     python scripts/train_default_model.py --phases-override stage2=512:2000,4096:100,8192:50   # change a curriculum
     python scripts/train_default_model.py --eval-only --lengths 1k,4k,8k --n 20   # greedy accuracy via Engine
     python scripts/train_default_model.py --probe              # tokens/s at each curriculum length, no training
+    python scripts/train_default_model.py --induction-probe --probe-rows gap   # does a copy circuit form? (see the card)
+    python scripts/train_default_model.py --copy-heads         # previous-token / induction attention per head
 
 Training runs on a private forward (``train_forward``) that reuses the model's own modules with
 ``scaled_dot_product_attention(is_causal=True)`` (batched, no KV cache); ``--check`` asserts it matches
@@ -47,8 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from parca.checkpoint import save_model  # noqa: E402
 from parca.config import ModelConfig  # noqa: E402
-from parca.evals.haystack import prose_text  # noqa: E402
+from parca.evals.haystack import noise_units, prose_text  # noqa: E402
 from parca.evals.tasks import get_task  # noqa: E402
+from parca.evals.tasks.base import distinct, random_number, random_word_key  # noqa: E402
+from parca.evals.tasks.niah import needle_sentence  # noqa: E402
 from parca.models.layers import apply_rope  # noqa: E402
 from parca.models.llama import LlamaForCausalLM  # noqa: E402
 
@@ -73,8 +77,11 @@ TASK_MIX = {
     "niah_multiquery": 0.06,
     "vt": 0.12,
 }
-# The recipe: stage 1 is LM + retrieval; stage 2 adds copy rows (a prose span repeated later in the window, the
-# copy supervised) which form induction heads fast, and runs longer at short lengths before 4K/8K.
+# The recipe that made the shipped model: stage 1 is LM + retrieval; stage 2 adds copy rows (a prose span
+# repeated later in the window, the copy supervised). Neither formed a copy (induction) circuit; see
+# MODEL_CARD.md "What limited it" and ``--induction-probe``. Stage fields: phases (LEN:STEPS), lr, warmup,
+# decay (cosine | wsd), tokens_per_step (default --tokens-per-step or 4096), and the row mix: prose_frac,
+# copy_frac, repeat_frac (+ repeat_alphabet), kv_frac; the rest are task samples (TASK_MIX).
 STAGES = [
     {"name": "stage1", "phases": "512:100,1024:90,2048:25,4096:20", "lr": 3e-3, "warmup": 20,
      "prose_frac": 0.15, "copy_frac": 0.0},
@@ -149,8 +156,15 @@ class DataSource:
     """Batches of (ids, weights) rows: prose LM windows and retrieval samples that fill the window."""
 
     def __init__(self, tok, prose_frac: float, answer_weight: float, prompt_keep: float = 0.15,
-                 copy_frac: float = 0.0) -> None:
+                 copy_frac: float = 0.0, repeat_frac: float = 0.0, repeat_alphabet: int = 0,
+                 kv_frac: float = 0.0) -> None:
         self.copy_frac = copy_frac
+        self.repeat_frac = repeat_frac
+        n_special = 3 + len(ROLE_TOKENS)
+        self.repeat_lo = n_special
+        self.repeat_hi = tok.vocab_size if repeat_alphabet <= 0 else min(tok.vocab_size, n_special + repeat_alphabet)
+        self.kv_frac = kv_frac
+        self.noise = tok.encode(" ".join(noise_units()[:8]) + " ")
         self.tok = tok
         self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, tok.token_id(PAD)
         self.prose = torch.tensor(tok.encode(prose_text()), dtype=torch.long)
@@ -213,6 +227,81 @@ class DataSource:
         w += [1.0] + [5.0] * (len(seg) - 1)  # the copy's first token cannot be known; the rest can
         return ids, w
 
+    def repeat_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+        """A segment of random token ids and its exact repeats: the only way to predict a repeat is to copy.
+
+        Short rows (L <= 64) are the segment (10-12 tokens) repeated to fill the row, every repeat supervised:
+        periodic, so a head that looks back a fixed 10-12 positions solves them without matching content (what
+        ``--induction-probe --probe-rows periodic`` shows). Longer rows hide one segment at a random point of a
+        prose window and repeat it at the end (a long-range copy)."""
+        if L <= 64:
+            s = rng.randint(10, 12)
+            seg = [rng.randrange(self.repeat_lo, self.repeat_hi) for _ in range(s)]
+            body = (seg * (L // s + 1))[: L - 1]
+            return [self.bos] + body, [0.0] * (1 + s) + [1.0] * (len(body) - s)
+        s = rng.randint(8, max(8, min(48, L // 8)))
+        seg = [rng.randrange(self.repeat_lo, self.repeat_hi) for _ in range(s)]
+        n = L - 1 - 2 * s
+        start = rng.randrange(0, max(1, len(self.prose) - n))
+        base = self.prose[start : start + n].tolist()
+        p = rng.randrange(0, max(1, len(base) - 8))
+        body = base[:p] + seg + base[p:] + seg
+        w = [1.0 if rng.random() < self.prompt_keep else 0.0 for _ in range(1 + len(body) - s)]
+        w += [5.0] * s
+        w[-s] = 1.0  # the repeat's first token follows prose: it cannot be known
+        return [self.bos] + body, w
+
+    def gap_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+        """Random token ids with one segment (L/8..L/3 tokens) copied after a random gap, the copy supervised
+        after its first token: no fixed offset works, only matching content (an induction head) does."""
+        s = rng.randint(max(2, L // 8), max(3, L // 3))
+        toks = [rng.randrange(self.repeat_lo, self.repeat_hi) for _ in range(L - 1)]
+        p2 = rng.randint(s + 1, L - 1 - s)
+        p1 = rng.randint(0, p2 - s)
+        toks[p2 : p2 + s] = toks[p1 : p1 + s]
+        w = [0.0] * L
+        for i in range(p2 + 1, p2 + s):
+            w[i + 1] = 1.0  # ids = [bos] + toks: toks[i] is target index i + 1
+        return [self.bos] + toks, w
+
+    def kv_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+        """Dense retrieval practice: word -> number needles ("One of the special magic numbers for K is: V.")
+        scattered through prose or filler noise, then a block of answers in the niah answer format ("Answer: The
+        special magic number for K mentioned in the text above is V."), every V supervised. One row carries about
+        L/96 answers where a task sample carries one, and distractor needles make the key match necessary."""
+        n_q = max(1, L // 96)
+        n_facts = n_q + max(1, L // 256)
+        keys = distinct(rng, random_word_key, n_facts)
+        vals = distinct(rng, random_number, n_facts)
+        facts = [self.tok.encode("\n" + needle_sentence("number", k, v) + "\n") for k, v in zip(keys, vals)]
+        asked = rng.sample(range(n_facts), n_q)
+        qa = []
+        for i in asked:
+            q = self.tok.encode(f"Answer: The special magic number for {keys[i]} mentioned in the text above is")
+            qa.append((q, self.tok.encode(f" {vals[i]}."), self.tok.encode("\n")))
+        head = [self.bos] + self.tok.encode(
+            "A long text follows. Some special magic numbers are hidden in it. Read it carefully and remember every "
+            "special magic number: you will be asked about them after the text.\n\n")
+        fixed = len(head) + sum(map(len, facts)) + 2 + sum(len(a) + len(b) + len(c) for a, b, c in qa)
+        n_fill = max(0, L - fixed)
+        if rng.random() < 0.5:
+            start = rng.randrange(0, max(1, len(self.prose) - n_fill))
+            filler = self.prose[start : start + n_fill].tolist()
+        else:
+            filler = (self.noise * (n_fill // max(1, len(self.noise)) + 1))[:n_fill]
+        cuts = sorted(rng.randrange(0, len(filler) + 1) for _ in facts)
+        body, prev = [], 0
+        for c, f in zip(cuts, facts):
+            body += filler[prev:c] + f
+            prev = c
+        body += filler[prev:] + self.tok.encode("\n\n")
+        ids = head + body
+        w = [0.0] * len(ids)
+        for q, a, nl in qa:
+            ids += q + a + nl
+            w += [0.0] * len(q) + [self.answer_weight] * len(a) + [0.0] * len(nl)
+        return ids[:L], w[:L]
+
     def batch(self, step_seed: int, L: int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B,L) and per-target weights (B,L) (weight of predicting ids[:, t] from ids[:, :t]; 0 = pad)."""
         rng = random.Random(step_seed)
@@ -221,11 +310,17 @@ class DataSource:
         n_prose = sum(1 for _ in range(B) if rng.random() < self.prose_frac)
         # (stage 1 draws no copy rows and consumes no RNG for them, so its data is unchanged by this option)
         n_copy = sum(1 for _ in range(B) if rng.random() < self.copy_frac) if self.copy_frac > 0 else 0
+        n_rep = sum(1 for _ in range(B) if rng.random() < self.repeat_frac) if self.repeat_frac > 0 else 0
+        n_kv = sum(1 for _ in range(B) if rng.random() < self.kv_frac) if self.kv_frac > 0 else 0
         for b in range(B):
             if b < n_prose:
                 row, wr = self.prose_row(rng, L)
             elif b < n_prose + n_copy:
                 row, wr = self.copy_row(rng, L)
+            elif b < n_prose + n_copy + n_rep:
+                row, wr = self.repeat_row(rng, L)
+            elif b < n_prose + n_copy + n_rep + n_kv:
+                row, wr = self.kv_row(rng, L)
             else:
                 row, wr = self.retrieval_row(rng, L)
             ids[b, : len(row)] = torch.tensor(row)
@@ -244,7 +339,8 @@ def make_config(args, vocab_size: int, bos: int, eos: int) -> ModelConfig:
         intermediate_size=args.intermediate, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
         max_position_embeddings=args.max_position, rms_norm_eps=1e-5, rope_theta=args.rope_theta,
-        tie_word_embeddings=False, torch_dtype="float32", bos_token_id=bos, eos_token_id=[eos],
+        tie_word_embeddings=args.tie_embeddings, torch_dtype="float32", bos_token_id=bos, eos_token_id=[eos],
+        attention_bias=args.attention_bias, o_bias=args.attention_bias,
     )
 
 
@@ -283,13 +379,13 @@ def train_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
 def weighted_loss(model, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
     """Weighted next-token CE over the positions with weight > 0 only (the LM head runs on those rows alone).
 
-    Returns (loss, mean CE of answer tokens (weight > 1), detached)."""
+    Returns (loss, mean CE of retrieval answer tokens (weight >= 10; copies weigh 5), detached)."""
     hs, tgt, ws = hidden[:, :-1], ids[:, 1:], w[:, 1:]
     sel = ws > 0
     logits = model.lm_head(hs[sel]).float()  # (N,V)
     ce = F.cross_entropy(logits, tgt[sel], reduction="none")
     wsel = ws[sel]
-    ans = wsel > 1.0
+    ans = wsel >= 10.0
     ans_ce = ce[ans].mean().detach() if ans.any() else ce.new_zeros(())
     return (ce * wsel).sum() / wsel.sum(), ans_ce
 
@@ -306,9 +402,14 @@ def parse_phases(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int, decay: str = "cosine") -> float:
+    """Linear warm-up, then cosine to 10% ("cosine") or flat until the last 20% of steps, then linear to 10%
+    ("wsd": a plateau-escaping stage keeps its full LR while the copy circuit forms)."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if decay == "wsd":
+        start = int(0.8 * total)
+        return base if step < start else base * (1.0 - 0.9 * (step - start) / max(1, total - start))
     frac = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
@@ -388,7 +489,10 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
     """One stage of the recipe: its own data mix, LR schedule, optimizer and checkpoint (``sdir/ckpt.pt``)."""
     from tqdm import tqdm
 
-    data = DataSource(tok, stage["prose_frac"], args.answer_weight, copy_frac=stage["copy_frac"])
+    data = DataSource(tok, stage["prose_frac"], args.answer_weight, copy_frac=stage["copy_frac"],
+                      repeat_frac=stage.get("repeat_frac", 0.0), repeat_alphabet=stage.get("repeat_alphabet", 0),
+                      kv_frac=stage.get("kv_frac", 0.0))
+    tokens_per_step = args.tokens_per_step or stage.get("tokens_per_step", 4096)
     phases = parse_phases(phases_text)
     total = sum(s for _, s in phases)
     decay, no_decay = [], []
@@ -411,7 +515,7 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
         model.load_state_dict(torch.load(prev_ckpt, map_location=args.device, weights_only=True)["model"])
         log(f"{stage['name']}: starts from the weights of {prev_ckpt} (fresh optimizer)")
     log(f"{stage['name']}: phases {phases_text}, lr {stage['lr']}, prose {stage['prose_frac']}, "
-        f"copy {stage['copy_frac']}")
+        f"copy {stage['copy_frac']}, repeat {stage.get('repeat_frac', 0.0)}, {tokens_per_step} tokens/step")
     model.train()
     bar = tqdm(total=total, initial=step, file=sys.stdout, mininterval=5, dynamic_ncols=False, ncols=120)
     t_train = time.time()
@@ -421,11 +525,11 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
         boundary += n_steps
         if step >= boundary:
             continue
-        B = max(1, args.tokens_per_step // L)
+        B = max(1, tokens_per_step // L)
         while step < boundary:
             ids, w = data.batch((args.seed + si) * 1_000_003 + step, L, B)
             ids, w = ids.to(args.device), w.to(args.device)
-            lr = lr_at(step, total, stage["lr"], stage["warmup"])
+            lr = lr_at(step, total, stage["lr"], stage["warmup"], stage.get("decay", "cosine"))
             for g in opt.param_groups:
                 g["lr"] = lr
             hidden = train_forward(model, ids)
@@ -474,7 +578,7 @@ def probe(args) -> None:
     data = DataSource(tok, STAGES[-1]["prose_frac"], args.answer_weight, copy_frac=STAGES[-1]["copy_frac"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for L, _ in parse_phases(args.phases):
-        B = max(1, args.tokens_per_step // L)
+        B = max(1, (args.tokens_per_step or STAGES[-1].get("tokens_per_step", 4096)) // L)
         times = []
         for i in range(2):
             td = time.time()
@@ -487,6 +591,121 @@ def probe(args) -> None:
             opt.step()
             times.append(time.time() - t)
         log(f"L={L} B={B}: {B * L / times[-1]:.0f} tok/s ({times[-1]:.2f}s/step, data {td:.2f}s) loss {loss.item():.3f}")
+
+
+def copy_ce(model, rows: list[tuple[list[int], list[float]]]) -> float:
+    """Mean cross-entropy (nats) over the supervised (copy) targets of ``rows``; no gradient."""
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for ids, w in rows:
+            dev = next(model.parameters()).device
+            x = torch.tensor([ids], device=dev)
+            logits = model.lm_head(train_forward(model, x)[0, :-1]).float()
+            ce = F.cross_entropy(logits, x[0, 1:], reduction="none")
+            m = torch.tensor(w[1:], device=dev) > 0
+            tot += float(ce[m].sum())
+            n += int(m.sum())
+    return tot / max(1, n)
+
+
+def induction_probe(args) -> dict:
+    """Does a copy (induction) circuit form, and does it generalise? Trains on copy rows only and prints the copy
+    loss every 10 steps, then the copy loss on held-out rows of other lengths and of the whole vocabulary.
+
+    ``--probe-rows periodic``: a 10-12-token segment repeated to fill 48 tokens (``DataSource.repeat_row``);
+    ``gap``: one segment copied after a random gap (``DataSource.gap_row``). The uniform guess costs
+    ln(alphabet) nats; an induction head drives the loss towards 0 at every length."""
+    from parca.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    tok = Tokenizer(Path(args.work_dir) / "tokenizer") if (Path(args.work_dir) / "tokenizer" / "tokenizer.json").is_file() \
+        else Tokenizer(Path(args.model_dir or args.out))
+    model = build_model(args, tok)
+    if args.probe_init:
+        model.load_state_dict(torch.load(args.probe_init, map_location="cpu", weights_only=True)["model"])
+    model.to(args.device)
+    data = DataSource(tok, 0.0, args.answer_weight, repeat_alphabet=args.probe_alphabet)
+    make = data.repeat_row if args.probe_rows == "periodic" else data.gap_row
+    L = args.probe_len
+    B = max(1, (args.tokens_per_step or 6144) // L)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.probe_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    log(f"induction probe: {args.probe_rows} rows, L={L}, B={B}, alphabet {args.probe_alphabet or 'all'}, "
+        f"lr {args.probe_lr}; uniform guess = {math.log(data.repeat_hi - data.repeat_lo):.2f} nats")
+    curve = []
+    ema = None
+    for step in range(args.probe_steps):
+        rows = [make(rng, L) for _ in range(B)]
+        ids = torch.tensor([r for r, _ in rows]).to(args.device)
+        w = torch.tensor([x for _, x in rows]).to(args.device)
+        for g in opt.param_groups:
+            g["lr"] = args.probe_lr * min(1.0, (step + 1) / 20)
+        loss, _ = weighted_loss(model, train_forward(model, ids), ids, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.8 * ema + 0.2 * loss.item()
+        if (step + 1) % 10 == 0:
+            curve.append((step + 1, round(ema, 3)))
+            log(f"step {step + 1}: copy loss {ema:.3f} ({time.time() - t0:.0f}s)")
+    held = random.Random(args.seed + 1)
+    full = DataSource(tok, 0.0, args.answer_weight, repeat_alphabet=0)
+    table = {}
+    for name, src in (("trained alphabet", data), ("whole vocabulary", full)):
+        for kind, fn in (("periodic", src.repeat_row), ("gap", src.gap_row)):
+            for n in ((48,) if kind == "periodic" else (64, 256, 1024)):
+                table[f"{kind} L={n}, {name}"] = round(copy_ce(model.eval(), [fn(held, n) for _ in range(8)]), 2)
+        model.train()
+    for k, v in table.items():
+        log(f"held-out copy loss, {k}: {v:.2f} nats")
+    out = {"rows": args.probe_rows, "len": L, "batch": B, "alphabet": args.probe_alphabet, "lr": args.probe_lr,
+           "curve": curve, "held_out": table, "wall_s": round(time.time() - t0, 1)}
+    print(json.dumps(out))
+    return out
+
+
+def copy_heads(args) -> dict:
+    """Per layer and head: mean attention to the previous token and to the induction target (the token after the
+    earlier copy of the current token) over the second half of a 128-token prose span followed by its repeat."""
+    from parca.checkpoint import load_model
+    from parca.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model_dir or args.out)
+    tok = Tokenizer(model_dir)
+    model = load_model(model_dir, dtype="float32").eval()
+    cfg = model.config
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    n = 128
+    span = tok.encode(prose_text())[5000 : 5000 + n]
+    ids = torch.tensor([[tok.bos_id] + span + span])
+    T = ids.shape[1]
+    t = torch.arange(n + 2, T)  # positions in the repeat (after its first token)
+    out = {}
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        cos, sin = model.rotary(torch.arange(T)[None], h.dtype)
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+        for li, layer in enumerate(model.model.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = apply_rope(a.q_proj(x).view(1, T, H, D), cos, sin).transpose(1, 2)
+            k = apply_rope(a.k_proj(x).view(1, T, Hkv, D), cos, sin).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+            v = a.v_proj(x).view(1, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+            p_ = ((q @ k.transpose(-1, -2)) * D**-0.5).masked_fill(mask, float("-inf")).softmax(-1)[0]
+            prev = p_[:, t, t - 1].mean(-1)
+            ind = p_[:, t, t - n + 1].mean(-1)
+            out[f"layer{li}"] = {"previous_token": [round(float(x), 3) for x in prev],
+                                 "induction": [round(float(x), 3) for x in ind]}
+            log(f"layer {li}: attention to the previous token {out[f'layer{li}']['previous_token']}, "
+                f"to the induction target {out[f'layer{li}']['induction']}")
+            o = (p_[None] @ v).transpose(1, 2).reshape(1, T, H * D)
+            h = h + a.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    print(json.dumps(out))
+    return out
 
 
 def evaluate(args) -> dict:
@@ -528,7 +747,8 @@ def main(argv=None) -> None:
     p.add_argument("--phases", default=DEFAULT_PHASES, help="lengths --probe measures (LEN:STEPS,...)")
     p.add_argument("--phases-override", action="append", default=[], metavar="STAGE=LEN:STEPS,...",
                    help="replace a stage's curriculum, e.g. stage2=512:100,2048:20 (repeatable)")
-    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = max(1, this // LEN) rows")
+    p.add_argument("--tokens-per-step", type=int, default=0,
+                   help="batch = max(1, this // LEN) rows (default: each stage's own, else 4096)")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=704)
@@ -536,6 +756,11 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--rope-theta", type=float, default=500000.0)
+    p.add_argument("--attention-bias", action="store_true",
+                   help="q/k/v/o biases (HF Llama attention_bias): a content-independent query/key part, so a head "
+                        "can attend by relative position (e.g. to the previous token) from the start")
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="share the input embedding and the LM head (a copy is then the identity map)")
     p.add_argument("--max-position", type=int, default=32768)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of answer tokens")
@@ -549,6 +774,17 @@ def main(argv=None) -> None:
     p.add_argument("--check", action="store_true", help="assert train_forward == model(ids) first")
     p.add_argument("--probe", action="store_true", help="measure tokens/s per curriculum length and exit")
     p.add_argument("--eval-only", action="store_true", help="greedy accuracy of --model-dir with parca's Engine")
+    p.add_argument("--induction-probe", action="store_true",
+                   help="train on copy rows only and report whether a content-matching copy circuit forms")
+    p.add_argument("--copy-heads", action="store_true",
+                   help="per head of --model-dir (default: the shipped model): attention to the previous token and "
+                        "to the induction target on a repeated prose span")
+    p.add_argument("--probe-rows", choices=("periodic", "gap"), default="gap")
+    p.add_argument("--probe-len", type=int, default=64)
+    p.add_argument("--probe-steps", type=int, default=150)
+    p.add_argument("--probe-lr", type=float, default=3e-3)
+    p.add_argument("--probe-alphabet", type=int, default=1000, help="copy rows draw from this many token ids (0: all)")
+    p.add_argument("--probe-init", default=None, help="start from this training checkpoint (ckpt.pt) instead of scratch")
     p.add_argument("--model-dir", default=None)
     p.add_argument("--tasks", default="passkey,niah_single_1,niah_single_2")
     p.add_argument("--lengths", default="1k,4k,8k")
@@ -560,6 +796,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     if args.probe:
         probe(args)
+    elif args.induction_probe:
+        induction_probe(args)
+    elif args.copy_heads:
+        copy_heads(args)
     elif args.eval_only:
         evaluate(args)
     else:
