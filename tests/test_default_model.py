@@ -121,5 +121,5 @@ def test_shipped_adapter_matches_the_model():
     from parca.checkpoint import load_model
 
     m = load_model(DEFAULT_MODEL, indexer=DEFAULT_INDEXER)  # refused if made for other weights
-    assert m.sparse_config.index_topk == 256 and m.sparse_config.index_n_heads == 4
+    assert m.sparse_config.index_topk == 2048 and m.sparse_config.index_n_heads == 4
     assert (DEFAULT_INDEXER / "training.json").is_file()

@@ -33,5 +33,5 @@ def test_demo_quick_on_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--context", "1k", "--positions", "1k,2k", "--out", str(out), "--no-progress"]) == 0
     doc = json.loads((out / "summary.json").read_text())
-    assert doc["model"].endswith("default") and doc["indexer"].endswith("indexer") and doc["index_topk"] == 256
+    assert doc["model"].endswith("default") and doc["indexer"].endswith("indexer") and doc["index_topk"] == 2048
     assert (out / "report.md").is_file() and len(doc["facts"]) == 2
