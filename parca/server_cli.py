@@ -1,4 +1,4 @@
-"""`parca serve`: the OpenAI-compatible server (parca/server.py) from the command line.
+"""`parca serve`: the OpenAI-compatible server (parca/server/) from the command line.
 
     parca serve --model DIR [--indexer ADIR] [--index-topk K] [--attention sparse|dense] [--host 127.0.0.1]
                 [--port 8000] [--api-key KEY] [--price-per-hour X] [--max-queue N] [--max-batch-tokens N]
