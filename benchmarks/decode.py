@@ -142,20 +142,23 @@ def weight_bytes(model: LlamaForCausalLM) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- the measurement
-def attention_fns(model: LlamaForCausalLM, cache, n: int, topk: int) -> dict[str, Callable[[], Any]]:
-    """Dense / sparse attention of every layer for one decode query at position n (caches hold n + 1 rows)."""
+def attention_fns(model: LlamaForCausalLM, cache, n: int, topk: int, *, chunk: int = 1, seed: int = 1,
+                  selections: list | None = None) -> dict[str, Callable[[], Any]]:
+    """Dense / sparse attention of every layer for ``chunk`` queries at positions n..n+chunk-1 (the caches hold
+    n + chunk rows): one decode query by default, a prefill chunk for ``prefill.py``. When ``selections`` is a
+    list, each sparse call refills it with every layer's selected indices."""
     cfg = model.config
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     dtype = model.model.embed_tokens.weight.dtype
-    q_pos = torch.tensor([[n]])
+    q_pos = torch.arange(n, n + chunk)[None]
     icos, isin = model.index_rotary(q_pos, dtype)
     per_layer = []
     for li, layer in enumerate(model.model.layers):
         att = layer.self_attn
-        q = torch.randn(1, 1, cfg.num_attention_heads, cfg.head_dim, generator=g).to(dtype)
-        x = torch.randn(1, 1, cfg.hidden_size, generator=g).to(dtype)
-        kc, vc, ikc = cache.view(li, 0, n + 1)
-        iks = cache.index_scale(li, 0, n + 1)
+        q = torch.randn(1, chunk, cfg.num_attention_heads, cfg.head_dim, generator=g).to(dtype)
+        x = torch.randn(1, chunk, cfg.hidden_size, generator=g).to(dtype)
+        kc, vc, ikc = cache.view(li, 0, n + chunk)
+        iks = cache.index_scale(li, 0, n + chunk)
         per_layer.append((att, q, x, kc, vc, ikc, iks))
 
     def dense():
@@ -163,7 +166,9 @@ def attention_fns(model: LlamaForCausalLM, cache, n: int, topk: int) -> dict[str
             dsa.dense(q, kc, vc, q_pos, att.scale)
 
     def sparse():
-        if n + 1 <= topk:  # the model's shortcut: the selection would keep every key
+        if selections is not None:
+            selections.clear()
+        if n + chunk <= topk:  # the model's shortcut: the selection would keep every key
             return dense()
         for att, q, x, kc, vc, ikc, iks in per_layer:
             qi = att.indexer.queries(x, icos, isin)
@@ -171,6 +176,8 @@ def attention_fns(model: LlamaForCausalLM, cache, n: int, topk: int) -> dict[str
             kw = {} if iks is None else {"k_scale": iks}
             idx = dsa.select_topk(qi, w, ikc, q_pos, topk, order="position", **kw)
             dsa.sparse(q, kc, vc, idx, att.scale)
+            if selections is not None:
+                selections.append(idx)
 
     return {"dense": dense, "sparse": sparse}
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode import DTYPES, SHAPE, fill_cache, interleaved, load_avg, reference_model  # noqa: E402
+from decode import attention_fns as decode_attention_fns  # noqa: E402
 
 from parca import sparse as dsa  # noqa: E402
 from parca.bench.common import machine_info  # noqa: E402
@@ -48,37 +49,10 @@ from parca.models.base import ForwardContext  # noqa: E402
 
 
 def attention_fns(model, cache, n: int, chunk: int, topk: int) -> tuple[dict[str, Callable[[], Any]], list]:
-    """Dense / sparse attention of every layer for the chunk's queries at positions n .. n + chunk - 1."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(2)
-    dtype = model.model.embed_tokens.weight.dtype
-    q_pos = torch.arange(n, n + chunk)[None]
-    icos, isin = model.index_rotary(q_pos, dtype)
-    per_layer = []
-    for li, layer in enumerate(model.model.layers):
-        q = torch.randn(1, chunk, cfg.num_attention_heads, cfg.head_dim, generator=g).to(dtype)
-        x = torch.randn(1, chunk, cfg.hidden_size, generator=g).to(dtype)
-        kc, vc, ikc = cache.view(li, 0, n + chunk)
-        per_layer.append((layer.self_attn, q, x, kc, vc, ikc, cache.index_scale(li, 0, n + chunk)))
+    """Dense / sparse attention of every layer for a chunk of queries on n cached rows (``decode.attention_fns``),
+    and the list the sparse calls fill with their selections (for the neighbour-overlap figure)."""
     selections: list = []
-
-    def dense():
-        for att, q, x, kc, vc, _, _ in per_layer:
-            dsa.dense(q, kc, vc, q_pos, att.scale)
-
-    def sparse():
-        selections.clear()
-        if n + chunk <= topk:  # the model's shortcut: the selection would keep every key
-            return dense()
-        for att, q, x, kc, vc, ikc, iks in per_layer:
-            qi = att.indexer.queries(x, icos, isin)
-            w = att.indexer.head_weights(x)
-            kw = {} if iks is None else {"k_scale": iks}
-            idx = dsa.select_topk(qi, w, ikc, q_pos, topk, order="position", **kw)
-            dsa.sparse(q, kc, vc, idx, att.scale)
-            selections.append(idx)
-
-    return {"dense": dense, "sparse": sparse}, selections
+    return decode_attention_fns(model, cache, n, topk, chunk=chunk, seed=2, selections=selections), selections
 
 
 def overlap(idx: torch.Tensor, block: int = 16) -> float:
