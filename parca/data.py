@@ -68,17 +68,9 @@ def discover_files(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         if str(raw) == SYNTHETIC:
             continue
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise DataError(f"--data {p}: folder holds no {', '.join('*' + s for s in TEXT_SUFFIXES)} files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"--data {p}: no such file or directory (or pass 'synthetic' for generated text)")
+        if not Path(raw).exists():
+            raise DataError(f"--data {raw}: no such file or directory (or pass 'synthetic' for generated text)")
+        files.extend(_documents.text_files(raw, flag="--data", error_cls=DataError))
     return files
 
 

@@ -29,7 +29,7 @@ from typing import Sequence
 
 from .errors import ParcaError
 
-__all__ = ["SUFFIXES", "TEXT_FIELDS", "Document", "DocumentError", "Skipped", "read_documents"]
+__all__ = ["SUFFIXES", "TEXT_FIELDS", "Document", "DocumentError", "Skipped", "read_documents", "text_files"]
 
 SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 TEXT_FIELDS = ("text", "context")
@@ -81,6 +81,20 @@ def _files(raw: str | Path, flag: str, error_cls: type[Exception]) -> list[tuple
     return out
 
 
+def text_files(raw: str | Path, *, flag: str = "--data", error_cls: type[Exception] = DocumentError) -> list[Path]:
+    """The files ``raw`` stands for that the reader reads: itself if a file, else its ``SUFFIXES`` files (sorted,
+    hidden entries ignored). Raises for a missing path or a folder without any such file."""
+    in_folder = Path(raw).is_dir()
+    found = [f for f, _ in _files(raw, flag, error_cls) if not in_folder or f.suffix.lower() in SUFFIXES]
+    if in_folder and not found:
+        raise _no_text(raw, flag, error_cls)
+    return found
+
+
+def _no_text(raw: str | Path, flag: str, error_cls: type[Exception]) -> Exception:
+    return error_cls(f"{flag} {raw}: folder holds no {', '.join('*' + s for s in SUFFIXES)} files")
+
+
 def read_documents(paths: str | Path | Sequence[str | Path], *, flag: str = "--data", strict: bool = True,
                    error_cls: type[Exception] = DocumentError) -> tuple[list[Document], list[Skipped]]:
     """Every document of ``paths`` in order, and the inputs skipped (see the module docstring for the rules).
@@ -101,7 +115,7 @@ def read_documents(paths: str | Path | Sequence[str | Path], *, flag: str = "--d
         in_folder = Path(raw).is_dir()
         files = _files(raw, flag, error_cls)
         if in_folder and strict and not any(f.suffix.lower() in SUFFIXES for f, _ in files):
-            raise error_cls(f"{flag} {raw}: folder holds no {', '.join('*' + s for s in SUFFIXES)} files")
+            raise _no_text(raw, flag, error_cls)
         for path, name in files:
             shown = str(path) if strict else name  # strict errors name the real path (it may be deep in a tree)
             if in_folder and path.suffix.lower() not in SUFFIXES:
