@@ -30,13 +30,9 @@ from . import report
 from .common import machine_info
 from .curve import _describe_model, _load_average, load_note, model_summary
 
-SUPPORTED = _documents.SUFFIXES
-TEXT_FIELDS = _documents.TEXT_FIELDS
-Document = _documents.Document
-
 
 # ---- reading ----------------------------------------------------------------------------------
-def read_documents(docs_dir: str | Path) -> tuple[list[Document], list[dict[str, str]]]:
+def read_documents(docs_dir: str | Path) -> tuple[list[_documents.Document], list[dict[str, str]]]:
     """Documents of a folder (recursively, sorted by path) and the skipped inputs ``{"name", "reason"}``.
 
     The shared reader (:mod:`parca.documents`) with its lenient policy: a bad file or line is listed as
