@@ -596,9 +596,9 @@ def probe(args) -> None:
 def copy_ce(model, rows: list[tuple[list[int], list[float]]]) -> float:
     """Mean cross-entropy (nats) over the supervised (copy) targets of ``rows``; no gradient."""
     tot, n = 0.0, 0
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for ids, w in rows:
-            dev = next(model.parameters()).device
             x = torch.tensor([ids], device=dev)
             logits = model.lm_head(train_forward(model, x)[0, :-1]).float()
             ce = F.cross_entropy(logits, x[0, 1:], reduction="none")
