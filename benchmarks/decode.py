@@ -171,11 +171,14 @@ def attention_fns(model: LlamaForCausalLM, cache, n: int, topk: int, *, chunk: i
         if n + chunk <= topk:  # the model's shortcut: the selection would keep every key
             return dense()
         for att, q, x, kc, vc, ikc, iks in per_layer:
-            qi = att.indexer.queries(x, icos, isin)
-            w = att.indexer.head_weights(x)
-            kw = {} if iks is None else {"k_scale": iks}
-            idx = dsa.select_topk(qi, w, ikc, q_pos, topk, order="position", **kw)
-            dsa.sparse(q, kc, vc, idx, att.scale)
+            if chunk == 1:  # what the model runs for a decode token: one matmul, then one fused DSA step
+                qi, w = att.indexer.unrotated_queries_and_weights(x)
+                _, idx = dsa.sparse_decode(qi, icos, isin, w, ikc, iks, q, kc, vc, att.scale, n, topk)
+            else:
+                qi, w = att.indexer.queries_and_weights(x, icos, isin)
+                kw = {} if iks is None else {"k_scale": iks}
+                idx = dsa.select_topk(qi, w, ikc, q_pos, topk, order="position", **kw)
+                dsa.sparse(q, kc, vc, idx, att.scale)
             if selections is not None:
                 selections.append(idx)
 

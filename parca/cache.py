@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import ContextError
+from .sparse import kernels
 from .sparse.quant import quantize_int8_rows
 
 
@@ -132,9 +133,11 @@ class KVCache:
                 raise ValueError("this cache was created without an indexer-key store")
             if self.iks is not None:
                 # int8 keys, one scale per token (~4x smaller than float32; scored exactly by VNNI dots)
-                q, scale = quantize_int8_rows(ik)
-                self.ik[layer][slot, start : start + t] = q
-                self.iks[layer][slot, start : start + t] = scale.squeeze(-1)
+                dst_q, dst_s = self.ik[layer][slot, start : start + t], self.iks[layer][slot, start : start + t]
+                if not kernels.quantize_rows_into(ik, dst_q, dst_s):  # the C twin writes in place, bit-identical
+                    q, scale = quantize_int8_rows(ik)
+                    dst_q.copy_(q)
+                    dst_s.copy_(scale.squeeze(-1))
             else:
                 self.ik[layer][slot, start : start + t] = ik.to(self.ik[layer].dtype)
 

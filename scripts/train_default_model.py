@@ -344,16 +344,20 @@ def make_config(args, vocab_size: int, bos: int, eos: int) -> ModelConfig:
     )
 
 
-def init_weights(model: LlamaForCausalLM, seed: int) -> None:
+def init_weights(model: LlamaForCausalLM, seed: int, std: float = 0.02, embed_std: float | None = None) -> None:
+    """GPT-2 style: normal(0, std), output projections scaled by 1/sqrt(2 * layers), norms 1. ``embed_std`` (default
+    ``std``) sets the token embedding's scale alone."""
     g = torch.Generator().manual_seed(seed)
     n_layers = model.config.num_hidden_layers
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name:
             torch.nn.init.ones_(p)
         elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
-            torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers), generator=g)
+            torch.nn.init.normal_(p, 0.0, std / math.sqrt(2 * n_layers), generator=g)
+        elif name.endswith("embed_tokens.weight") and embed_std is not None:
+            torch.nn.init.normal_(p, 0.0, embed_std, generator=g)
         else:
-            torch.nn.init.normal_(p, 0.0, 0.02, generator=g)
+            torch.nn.init.normal_(p, 0.0, std, generator=g)
 
 
 def train_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -438,7 +442,7 @@ def build_model(args, tok) -> LlamaForCausalLM:
     cfg = make_config(args, tok.vocab_size, tok.bos_id, tok.eos_id)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(cfg, dtype=torch.float32)
-    init_weights(model, args.seed)
+    init_weights(model, args.seed, args.init_std, args.embed_std)
     return model
 
 
@@ -765,6 +769,8 @@ def main(argv=None) -> None:
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of answer tokens")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the normal init (GPT-2's 0.02 by default)")
+    p.add_argument("--embed-std", type=float, default=None, help="std of the token embedding's init (default: --init-std)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="training device (cpu, cuda); export is always CPU bf16")
     p.add_argument("--save-every", type=int, default=10)

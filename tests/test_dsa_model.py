@@ -86,18 +86,18 @@ def test_decode_scores_only_cached_indexer_keys(hf_dirs, monkeypatch):
     with torch.no_grad():
         m(ids, cache, ctx([0], "sparse", 4))
     seen_keys, seen_scored = [], []
-    orig_keys, orig_select = dsa.LightningIndexer.keys, dsa.select_topk
+    orig_keys, orig_decode = dsa.LightningIndexer.finish_keys, dsa.sparse_decode
 
-    def keys(self, k_in, cos, sin):
-        seen_keys.append(k_in.shape[1])
-        return orig_keys(self, k_in, cos, sin)
+    def keys(self, k_proj, cos, sin):  # the model runs wk inside its fused projection, then finishes the keys
+        seen_keys.append(k_proj.shape[1])
+        return orig_keys(self, k_proj, cos, sin)
 
-    def select(q, w, k_idx, q_pos, topk, **kw):
+    def decode(qi, cos, sin, w, k_idx, *args, **kw):  # a decode step's whole selection + attention
         seen_scored.append((k_idx.shape[1], k_idx.data_ptr()))
-        return orig_select(q, w, k_idx, q_pos, topk, **kw)
+        return orig_decode(qi, cos, sin, w, k_idx, *args, **kw)
 
-    monkeypatch.setattr(dsa.LightningIndexer, "keys", keys)
-    monkeypatch.setattr(dsa, "select_topk", select)
+    monkeypatch.setattr(dsa.LightningIndexer, "finish_keys", keys)
+    monkeypatch.setattr(dsa, "sparse_decode", decode)
     with torch.no_grad():
         m(torch.tensor([[5]]), cache, ctx([30], "sparse", 4))
     assert seen_keys == [1, 1]  # one new key per layer

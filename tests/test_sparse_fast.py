@@ -439,3 +439,61 @@ def test_dense_chunk_on_prefix_split_matches_reference(h, h_kv):
     torch.testing.assert_close(dense(q, k.bfloat16(), v.bfloat16(), q_pos, 0.3),
                                reference(q, k.bfloat16().float(), v.bfloat16().float(), idx_all, 0.3, q_pos),
                                atol=1e-5, rtol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("s,h_i,d_i,r,topk,window,kv_dtype", [
+    (5000, 4, 64, 32, 2048, None, torch.float32),   # the reference shape
+    (3000, 2, 64, 0, 512, None, torch.float32),     # no indexer RoPE
+    (700, 3, 128, 64, 100, 300, torch.bfloat16),    # sliding window, bf16 cache, D_I = 128
+    (40, 4, 64, 16, 64, None, torch.float32),       # context <= k: every key selected
+])
+def test_sparse_decode_fast_path_equals_the_composed_reference(s, h_i, d_i, r, topk, window, kv_dtype, monkeypatch):
+    """One decode query's fused step (RoPE + quantise + score + top-k + attend in C) selects exactly the keys the
+    composed reference does (apply_rope_half -> select_topk -> sparse) and gives the same output."""
+    from parca.sparse import apply_rope_half, sparse_decode
+
+    g = torch.Generator().manual_seed(s + r)
+    pos = s - 1
+    k8, ks = _int8_keys(g, 1, s + 7, d_i)
+    k8, ks = k8[:, :s], ks[:, :s]  # cache views with slack behind
+    qi = torch.randn(1, 1, h_i, d_i, generator=g)
+    ang = torch.randn(1, 1, r // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    w = torch.randn(1, 1, h_i, generator=g)
+    q = torch.randn(1, 1, 8, 64, generator=g)
+    k = torch.randn(1, s + 3, 2, 64, generator=g).to(kv_dtype)[:, :s]
+    v = torch.randn(1, s + 3, 2, 64, generator=g).to(kv_dtype)[:, :s]
+    q_pos = torch.tensor([[pos]])
+    calls = []
+    fast = kernels.decode_sparse
+    monkeypatch.setattr(kernels, "decode_sparse", lambda *a, **kw: calls.append(1) or fast(*a, **kw))
+    with torch.no_grad():
+        got, got_idx = sparse_decode(qi, cos, sin, w, k8, ks, q, k, v, 0.125, pos, topk, window=window)
+        assert calls  # the C path ran
+        want_idx = select_topk(apply_rope_half(qi, cos, sin), w, k8, q_pos, topk, window=window, k_scale=ks,
+                               order="position")
+        assert torch.equal(got_idx, want_idx)
+        want = reference(q, k.float(), v.float(), want_idx, 0.125, q_pos)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with kernels.disabled():  # the composed torch path gives the same selection
+            ref_out, ref_idx = sparse_decode(qi, cos, sin, w, k8, ks, q, k, v, 0.125, pos, topk, window=window)
+        assert torch.equal(ref_idx, got_idx)
+        torch.testing.assert_close(ref_out, got, atol=1e-5, rtol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_kernel_is_bit_identical(dtype):
+    """The cache's int8 key writer (C) equals quantize_int8_rows bit for bit: zero rows, exact .5 ties, strided
+    destinations, bf16 input."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 64, generator=g) * 3).to(dtype)
+    x[5] = 0.0  # a zero row: the smallest normal scale, q = 0
+    x[6] = torch.arange(64, dtype=torch.float32).sub(32).mul(0.5).to(dtype)  # amax 16 -> x / scale hits .5 ties
+    want_q, want_s = quantize_int8_rows(x)
+    q = torch.zeros(40, 70, dtype=torch.int8)[2:39, 3:67]  # strided cache slices
+    s = torch.zeros(2, 40)[1, 2:39]
+    assert kernels.quantize_rows_into(x, q, s)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s.squeeze(-1))
+    assert not kernels.quantize_rows_into(x, q, torch.zeros(37, dtype=torch.float64))  # refused: caller falls back

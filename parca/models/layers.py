@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..sparse.fused import FusedLinear
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back (what HF Llama/Qwen do)."""
@@ -20,6 +22,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         in_dtype = x.dtype
+        if in_dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same math as below in one fused op (eight small ops cost ~8x the work on a decode token)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(in_dtype)
@@ -129,9 +134,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=bias, **kw)
         self.down_proj = nn.Linear(inter, hidden, bias=bias, **kw)
         self.act = activation(act)
+        self._gate_up = FusedLinear([self.gate_proj, self.up_proj])  # one matmul for both (see FusedLinear)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._gate_up(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Backbone(nn.Module):

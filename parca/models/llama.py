@@ -13,7 +13,7 @@ from .. import sparse as dsa
 from ..cache import CacheSpec, KVCache
 from ..config import ModelConfig, SparseConfig
 from .base import ForwardContext, Layerview
-from .layers import MLP, Backbone, RMSNorm, Rotary, apply_rope
+from .layers import MLP, Backbone, FusedLinear, RMSNorm, Rotary, apply_rope
 
 
 class Attention(nn.Module):
@@ -34,21 +34,37 @@ class Attention(nn.Module):
         self.scale = D**-0.5
         self.window = cfg.sliding_window
         self.indexer: dsa.LightningIndexer | None = None
+        self._proj: FusedLinear | None = None
+
+    def _projections(self, x: Tensor) -> Tensor:
+        """q, k, v and (with an indexer) the indexer-key projection of ``x`` as one matmul: (B,T,(H+2Hkv)D[+D_I])."""
+        members = [self.q_proj, self.k_proj, self.v_proj]
+        if self.indexer is not None:
+            members.append(self.indexer.wk)
+        if self._proj is None or self._proj.linears != members:  # indexers were added (or removed) since
+            self._proj = FusedLinear(members)
+        return self._proj.full(x)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], index_rope: tuple[Tensor, Tensor] | None,
                 cache: KVCache, ctx: ForwardContext) -> Tensor:
         """x (B,T,hidden) normed hidden states -> (B,T,hidden)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.D)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.D)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        H, Hkv, D = self.H, self.Hkv, self.D
+        y = self._projections(x)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is None:  # one RoPE call for the query and key heads together
+            qk = apply_rope(y[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q = self.q_norm(y[..., : H * D].view(B, T, H, D))
+            k = self.k_norm(y[..., H * D : (H + Hkv) * D].view(B, T, Hkv, D))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = y[..., (H + Hkv) * D : (H + 2 * Hkv) * D].view(B, T, Hkv, D)
         # Indexer keys are computed and cached whenever the model carries indexers, whatever this row's mode:
         # a later sparse decode (or a sparse request reusing this prefix) needs them.
-        ik = self.indexer.keys(x, *index_rope) if self.indexer is not None else None  # (B,T,D_I)
+        ik = None
+        if self.indexer is not None:
+            ik = self.indexer.finish_keys(y[..., (H + 2 * Hkv) * D :], *index_rope)  # (B,T,D_I)
 
         outs = []
         for b in range(B):
@@ -59,7 +75,7 @@ class Attention(nn.Module):
             q_pos = torch.arange(start, end, device=x.device)[None]  # (1,T)
             qb = q[b : b + 1]
             topk = ctx.topks[b]
-            idx = None
+            idx = o = None
             if ctx.modes[b] == "sparse":
                 if self.indexer is None:
                     raise ValueError("sparse attention needs indexers: load an adapter (--indexer) or a DSA checkpoint")
@@ -67,16 +83,20 @@ class Attention(nn.Module):
                 if end > topk:
                     xb = x[b : b + 1]
                     icos, isin = index_rope[0][b : b + 1], index_rope[1][b : b + 1]
-                    qi = self.indexer.queries(xb, icos, isin)
-                    w = self.indexer.head_weights(xb)
                     # int8 keys come with per-token scales; ascending positions suit the in-place row reads
                     iks = cache.index_scale(self.layer, slot, end)
-                    idx = dsa.select_topk(qi, w, ikc, q_pos, topk, window=self.window,
-                                          max_chunk_bytes=ctx.max_chunk_bytes, order="position",
-                                          **({} if iks is None else {"k_scale": iks}))
+                    if T == 1:  # decode: RoPE, selection and attention in one call (C kernels when built)
+                        qi, w = self.indexer.unrotated_queries_and_weights(xb)
+                        o, idx = dsa.sparse_decode(qi, icos, isin, w, ikc, iks, qb, kc, vc, self.scale, start, topk,
+                                                   window=self.window)
+                    else:
+                        qi, w = self.indexer.queries_and_weights(xb, icos, isin)
+                        idx = dsa.select_topk(qi, w, ikc, q_pos, topk, window=self.window,
+                                              max_chunk_bytes=ctx.max_chunk_bytes, order="position",
+                                              **({} if iks is None else {"k_scale": iks}))
             if idx is None:
                 o = dsa.dense(qb, kc, vc, q_pos, self.scale, window=self.window, max_chunk_bytes=ctx.max_chunk_bytes)
-            else:
+            elif o is None:
                 o = dsa.sparse(qb, kc, vc, idx, self.scale, max_chunk_bytes=ctx.max_chunk_bytes)
             if ctx.observer is not None:
                 ctx.observer(Layerview(

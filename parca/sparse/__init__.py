@@ -10,6 +10,8 @@ they build on first use and every caller falls back to torch without them (``PAR
 
 from . import kernels
 from .attention import dense, head_summed_probs, reference, sparse
+from .decode import sparse_decode
+from .fused import FusedLinear
 from .indexer import LightningIndexer, apply_rope_half
 from .loss import attention_recall, indexer_kl
 from .quant import dequantize_int8_rows, quantize_int8_rows
@@ -17,6 +19,7 @@ from .select import gather_rows, index_scores, index_scores_int8, select_topk, v
 
 __all__ = [
     "LightningIndexer",
+    "FusedLinear",
     "apply_rope_half",
     "index_scores",
     "index_scores_int8",
@@ -28,6 +31,7 @@ __all__ = [
     "visibility_mask",
     "dense",
     "sparse",
+    "sparse_decode",
     "reference",
     "head_summed_probs",
     "indexer_kl",

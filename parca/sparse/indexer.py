@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import FusedLinear
+
 __all__ = ["apply_rope_half", "LightningIndexer"]
 
 
@@ -118,6 +120,7 @@ class LightningIndexer(nn.Module):
         # DeepSeek applies H_I**-0.5 to the weights and D_I**-0.5 (softmax scale) to q.k; because
         # ReLU(a*x) = a*ReLU(x) for a > 0, both fold into the weights: one scale on (B,T,H_I), not on (B,T,H_I,S).
         self.weight_scale = n_heads**-0.5 * head_dim**-0.5
+        self._qw: FusedLinear | None = None  # wq_b + weights_proj as one matmul (queries_and_weights)
 
     def _check_rope(self, cos: Tensor) -> None:
         # a model's own RoPE tables (e.g. head_dim 128 for Llama) have different frequencies from
@@ -157,6 +160,31 @@ class LightningIndexer(nn.Module):
         """
         self._check_rope(cos)
         return apply_rope_half(self.k_norm(self.wk(k_in)), cos, sin)
+
+    def finish_keys(self, k_proj: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``keys`` from an already computed ``wk(k_in)`` (B, T, D_I): a model that runs ``wk`` inside one
+        matmul with its own projections finishes the keys here."""
+        self._check_rope(cos)
+        return apply_rope_half(self.k_norm(k_proj), cos, sin)
+
+    def queries_and_weights(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """``(queries(x, cos, sin), head_weights(x))`` for a model whose query source is the key source (a
+        retrofitted GQA model): one matmul for both projections when they share a dtype (a float32 model; in a
+        bf16 model ``weights_proj`` stays float32 and the two run apart). Same shapes and dtypes as the two calls."""
+        self._check_rope(cos)
+        q, w = self.unrotated_queries_and_weights(x)
+        return apply_rope_half(q, cos, sin), w
+
+    def unrotated_queries_and_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``queries_and_weights`` before the queries' RoPE ((B, T, H_I, D_I), (B, T, H_I) float32): for a caller
+        that rotates inside a fused kernel (``parca.sparse.sparse_decode``)."""
+        b, t, _ = x.shape
+        if self.wq_b.weight.dtype != torch.float32 or x.dtype != torch.float32:
+            return self.wq_b(x).view(b, t, self.n_heads, self.head_dim), self.head_weights(x)
+        if self._qw is None:
+            self._qw = FusedLinear([self.wq_b, self.weights_proj])
+        q, w = self._qw(x)
+        return q.view(b, t, self.n_heads, self.head_dim), w * self.weight_scale
 
     def head_weights(self, x: Tensor) -> Tensor:
         """Per-token, per-head weights (may be negative), computed in float32.

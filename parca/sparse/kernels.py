@@ -75,7 +75,7 @@ _SOURCE = r"""
 
 #define DSA_API extern "C"
 
-DSA_API int dsa_abi_version(void) { return 3; }
+DSA_API int dsa_abi_version(void) { return 4; }
 DSA_API int dsa_simd(void) {
 #ifdef DSA_VNNI
     return 1;
@@ -426,7 +426,7 @@ DSA_API void dsa_topk_rows(const float* scores, int64_t sc_stride, const int64_t
     int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, T));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        TopkScratch ws;
+        TopkScratch ws;  // buffers kept across calls: a fresh 1 MiB filter buffer page-faulted every call
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < T; ++t)
             topk_row(scores + t * sc_stride, vlo[t], vhi[t], k, base, order, idx + t * idx_stride, ws);
@@ -838,18 +838,32 @@ DSA_API int dsa_attend(const void* q, int64_t q_st, int64_t q_sh, const void* k,
 DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
                            const int8_t* k8, int64_t k_stride, const float* ks, int64_t S, const int64_t* qpos,
                            int64_t lo, int64_t window, int64_t T, int64_t H, int64_t D, int64_t k, int order,
-                           float* scores, int64_t* idx, int64_t idx_st, int nthreads) {
+                           float* scores, int64_t* idx, int64_t idx_st, int nthreads, const float* rcos,
+                           const float* rsin, int64_t rope_dim) {
+    // rope_dim > 0: the queries arrive BEFORE their RoPE; rotate-half RoPE on their first rope_dim dims with the
+    // (T, rope_dim) tables rcos / rsin, the same float32 ops as parca.sparse.apply_rope_half (bit-identical)
     std::vector<int8_t> q8((size_t)T * H * D);
-    std::vector<float> qw((size_t)T * H), xf((size_t)D);
+    std::vector<float> qw((size_t)T * H), xf((size_t)D), xr((size_t)D);
     std::vector<int64_t> vlo(T), vhi(T);
     const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero row's scale
+    const int64_t half = rope_dim / 2;
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t h = 0; h < H; ++h) {
-            float amax = 0.0f;
-            for (int64_t d = 0; d < D; ++d) {
-                xf[d] = load1(q, t * q_st + h * q_sh + d, dq);
-                amax = std::max(amax, fabsf(xf[d]));
+            for (int64_t d = 0; d < D; ++d) xf[d] = load1(q, t * q_st + h * q_sh + d, dq);
+            if (rope_dim > 0) {
+                const float* c = rcos + t * rope_dim;
+                const float* sn = rsin + t * rope_dim;
+                for (int64_t d = 0; d < half; ++d) {
+                    float x1 = xf[d], x2 = xf[d + half];
+                    float a = x1 * c[d], b = -x2 * sn[d];
+                    xr[d] = a + b;
+                    float a2 = x2 * c[d + half], b2 = x1 * sn[d + half];
+                    xr[d + half] = a2 + b2;
+                }
+                for (int64_t d = 0; d < rope_dim; ++d) xf[d] = xr[d];
             }
+            float amax = 0.0f;
+            for (int64_t d = 0; d < D; ++d) amax = std::max(amax, fabsf(xf[d]));
             float scale = amax / 127.0f;
             if (scale < tiny) scale = tiny;
             int8_t* qr = q8.data() + (t * H + h) * D;
@@ -866,6 +880,28 @@ DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, co
     }
     dsa_index_scores_i8(q8.data(), qw.data(), k8, k_stride, ks, scores, S, T, H, D, S, vhi.data(), nthreads);
     dsa_topk_rows(scores, S, vlo.data(), vhi.data(), T, k, lo, order, idx, idx_st, nthreads);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Per-row symmetric int8 quantisation into a cache: scale = max(amax / 127, FLT_MIN), q = round-half-even(x /
+// scale) clamped to [-127, 127] -- the same float32 ops as parca.sparse.quantize_int8_rows (bit-identical).
+// x: (T, D) float32 / bf16 rows x_st elements apart; q: int8 rows q_st bytes apart; scale: (T,) float32.
+// ------------------------------------------------------------------------------------------------------------
+DSA_API void dsa_quantize_rows(const void* x, int dx, int64_t x_st, int64_t T, int64_t D, int8_t* q, int64_t q_st,
+                               float* scale) {
+    const float tiny = 1.17549435e-38f;
+    for (int64_t t = 0; t < T; ++t) {
+        float amax = 0.0f;
+        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, fabsf(load1(x, t * x_st + d, dx)));
+        float sc = amax / 127.0f;
+        if (sc < tiny) sc = tiny;
+        int8_t* qr = q + t * q_st;
+        for (int64_t d = 0; d < D; ++d) {
+            float r = nearbyintf(load1(x, t * x_st + d, dx) / sc);
+            qr[d] = (int8_t)std::min(127.0f, std::max(-127.0f, r));
+        }
+        scale[t] = sc;
+    }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -1134,11 +1170,13 @@ def _build() -> ctypes.CDLL:
                                i64, i64, f32, vp, i64, i64, i32, i64, i32]
     lib.dsa_attend.restype = i32
     lib.dsa_select_i8.argtypes = [vp, i32, i64, i64, vp, i64, vp, i64, vp, i64, vp, i64, i64, i64, i64, i64, i64,
-                                  i32, vp, vp, i64, i32]
+                                  i32, vp, vp, i64, i32, vp, vp, i64]
     lib.dsa_select_i8.restype = None
     lib.dsa_attend_blocks.argtypes = [vp, i64, i64, vp, i64, i64, vp, i64, i64, i32, i32, vp, i64, i64, i64, i64, i64,
                                       i64, i64, i64, f32, vp, i64, i64, i32, i32]
     lib.dsa_attend_blocks.restype = i32
+    lib.dsa_quantize_rows.argtypes = [vp, i32, i64, i64, i64, vp, i64, vp]
+    lib.dsa_quantize_rows.restype = None
     return lib
 
 
@@ -1311,7 +1349,7 @@ def select_i8(q: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q_pos: Tensor, k: in
     scores = _scratch(t * s)
     lib.dsa_select_i8(_p(q), _DT[q.dtype], q.stride(0), q.stride(1), _p(w), w.stride(0), _p(k8), k8.stride(0), _p(ks),
                       s, _p(qp), lo, window or 0, t, h, d, k, 0 if order == "score" else 1, _p(scores), _p(out),
-                      out.stride(0), torch.get_num_threads())
+                      out.stride(0), torch.get_num_threads(), None, None, 0)
     return out
 
 
@@ -1359,13 +1397,81 @@ def select_i8_batch(q: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q_pos: Tensor,
             lib.dsa_select_i8(qp + (bi * qs0 + t0 * qs1) * qe, dq, qs1, qs2, wp + (bi * ws0 + t0 * ws1) * 4, ws1,
                               kp + bi * ks0 + lo * ks1, ks1, ksp + (bi * ss0 + lo) * 4, span, pp + (bi * ps0 + t0) * 8,
                               lo, window or 0, tc, h, d, k, 0 if order == "score" else 1, scores.data_ptr(),
-                              op + (bi * t + t0) * k * 8, k, nt)
+                              op + (bi * t + t0) * k * 8, k, nt, None, None, 0)
     if covered < t:
         done = torch.zeros(t, dtype=torch.bool)
         for t0, t1, _, _ in spans:
             done[t0:t1] = True
         out[:, ~done] = -1
     return out
+
+
+def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, ks: Tensor, pos: int, topk: int,
+                  window: int | None, q: Tensor, k: Tensor, v: Tensor, scale: float, split: int) -> tuple[Tensor, Tensor]:
+    """One decode query's whole DSA step in two C calls and no torch op on the way: the indexer queries' RoPE,
+    their int8 quantisation, the scores of every visible key, the exact top-k (ascending positions), then
+    attention over those rows read in place. The caller checks ``decode_sparse_supported``.
+
+    Args:
+        qi: (H_I, D_I) float32 indexer queries BEFORE RoPE (last dim contiguous); cos, sin: (r,) float32
+            contiguous rotate-half tables at ``pos`` (r = 0: no RoPE).
+        w: (H_I,) float32 contiguous head weights; k8: (S, D_I) int8 keys (rows may be strided); ks: (S,) float32
+            contiguous scales; pos: the query's position (keys 0..pos visible, S = pos + 1).
+        q: (H, D) main query after RoPE; k, v: (S, H_kv, D) cache views; split: rows per attention work item.
+
+    Returns:
+        (out (1, H, D_v) in q's dtype, idx (1, topk) int64, -1 padded).
+    """
+    lib = _get()
+    s_len = k8.shape[0]
+    h, d = qi.shape
+    idx = torch.empty(1, topk, dtype=torch.int64)
+    nt = torch.get_num_threads()
+    lib.dsa_select_i8(qi.data_ptr(), _F32, 0, qi.stride(0), w.data_ptr(), 0, k8.data_ptr(), k8.stride(0),
+                      ks.data_ptr(), s_len, _pos_ptr(pos), 0, window or 0, 1, h, d, topk, 1, _scratch(s_len).data_ptr(),
+                      idx.data_ptr(), topk, nt, cos.data_ptr() if cos.numel() else None,
+                      sin.data_ptr() if sin.numel() else None, cos.numel())
+    hq, dv = q.shape[0], v.shape[2]
+    out = torch.empty(1, hq, dv, dtype=q.dtype)
+    rc = lib.dsa_attend(q.data_ptr(), 0, q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+                        v.stride(1), _DT[q.dtype], _DT[k.dtype], idx.data_ptr(), topk, topk, None, 1, hq, k.shape[1],
+                        q.shape[1], dv, float(scale), out.data_ptr(), 0, out.stride(1), _DT[q.dtype], split, nt)
+    if rc != 0:
+        raise ValueError("decode_sparse: shape beyond the kernel's limits (check decode_sparse_supported)")
+    return out, idx
+
+
+_F32 = 0  # the kernels' float32 dtype code (see _DT)
+_POS = torch.zeros(1, dtype=torch.int64)
+
+
+def _pos_ptr(pos: int) -> int:
+    """Address of a one-element int64 holding ``pos`` (a reused buffer: no tensor built per call)."""
+    _POS[0] = pos
+    return _POS.data_ptr()
+
+
+def decode_sparse_supported(qi: Tensor, cos: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q: Tensor, k: Tensor,
+                            v: Tensor) -> bool:
+    """Shapes, dtypes and layouts ``decode_sparse`` takes (else compose select_topk and sparse)."""
+    return (qi.dtype == torch.float32 and cos.dtype == torch.float32 and w.dtype == torch.float32
+            and k8.dtype == torch.int8 and ks.dtype == torch.float32 and qi.stride(-1) == 1 and w.stride(-1) == 1
+            and cos.is_contiguous() and ks.is_contiguous() and k8.stride(-1) == 1 and qi.device.type == "cpu"
+            and attend_supported(q, k, v) and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def quantize_rows_into(x: Tensor, q: Tensor, scale: Tensor) -> bool:
+    """``quantize_int8_rows(x)`` written straight into ``q`` (T, D) int8 and ``scale`` (T,) float32 (e.g. cache
+    slices), bit-identical, in one C call instead of nine torch ops and two copies. Returns False (nothing written)
+    when the kernels or the layouts do not apply; the caller then takes the torch path."""
+    lib = _get()
+    if (lib is None or x.dim() != 2 or x.dtype not in _DT or x.stride(-1) != 1 or q.dtype != torch.int8
+            or q.stride(-1) != 1 or scale.dtype != torch.float32 or scale.stride(-1) != 1 or x.device.type != "cpu"
+            or q.device.type != "cpu" or q.shape != x.shape or scale.shape != x.shape[:1]):
+        return False
+    lib.dsa_quantize_rows(x.data_ptr(), _DT[x.dtype], x.stride(0), x.shape[0], x.shape[1], q.data_ptr(), q.stride(0),
+                          scale.data_ptr())
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- top-k
