@@ -37,11 +37,9 @@ def sparse_decode(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k_idx: Tensor
         (out (1, 1, H, D_v) in q's dtype, idx (1, 1, topk) int64: the selected positions ascending, -1 padded).
     """
     if (k_scale is not None and not torch.is_grad_enabled() and kernels.available() and k_idx.shape[1] == pos + 1
-            and kernels.decode_sparse_supported(qi[0, 0], cos[0, 0], w[0, 0], k_idx[0], k_scale[0], q[0, 0], k[0], v[0])):
-        split = _split(topk, k.shape[2])
-        out, idx = kernels.decode_sparse(qi[0, 0], cos[0, 0], sin[0, 0], w[0, 0], k_idx[0], k_scale[0], pos, topk,
-                                         window, q[0, 0], k[0], v[0], scale, split)
-        return out.unsqueeze(0), idx.unsqueeze(0)
+            and kernels.decode_sparse_supported(qi, cos, sin, w, k_idx, k_scale, q, k, v)):
+        return kernels.decode_sparse(qi, cos, sin, w, k_idx, k_scale, pos, topk, window, q, k, v, scale,
+                                     _split(topk, k.shape[2]))
     q_pos = torch.tensor([[pos]], device=q.device)
     kw = {} if k_scale is None else {"k_scale": k_scale}
     idx = select_topk(apply_rope_half(qi, cos, sin), w, k_idx, q_pos, topk, window=window, order="position", **kw)

@@ -53,8 +53,28 @@ class FusedLinear:
                    and lin.in_features == self.linears[0].in_features for lin in self.linears)
 
     def _layout(self) -> tuple:
-        return tuple((lin.weight.data_ptr(), lin.weight.dtype, None if lin.bias is None else lin.bias.data_ptr())
-                     for lin in self.linears)
+        """What the fused storage was built from: each member's current weight / bias tensors and addresses (a
+        dtype or device change, ``.data`` reassignment or a replaced Parameter all change it)."""
+        out = []
+        for lin in self.linears:
+            for name in ("weight", "bias"):
+                t = lin._parameters.get(name)
+                out.append(t)
+                out.append(None if t is None else t.data_ptr())
+        return tuple(out)
+
+    def _current(self) -> bool:
+        key = self._key
+        if key is None:
+            return False
+        i = 0
+        for lin in self.linears:  # the same test as ``_layout() == key`` without building the tuple
+            for name in ("weight", "bias"):
+                t = lin._parameters.get(name)
+                if t is not key[i] or (t is not None and t.data_ptr() != key[i + 1]):
+                    return False
+                i += 2
+        return True
 
     def _fuse(self) -> None:
         with torch.inference_mode(False), torch.no_grad():
@@ -74,7 +94,7 @@ class FusedLinear:
         """True when the members must run one by one: a gradient is wanted, or they cannot share one matrix."""
         if _off or (torch.is_grad_enabled() and any(p.requires_grad for lin in self.linears for p in lin.parameters())):
             return True
-        if self._key != self._layout():
+        if not self._current():
             self._fused = self.usable()
             if self._fused:
                 self._fuse()

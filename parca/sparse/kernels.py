@@ -1304,7 +1304,9 @@ def _scratch(numel: int) -> Tensor:
     """A float32 buffer reused across calls (a fresh multi-MiB tensor per call page-faults every time)."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1 << 16), dtype=torch.float32)
+        # grow geometrically: a decode step needs one more score than the last, and a fresh buffer each step
+        # would page-fault all of it again
+        buf = torch.empty(max(numel, 1 << 16, 0 if buf is None else 2 * buf.numel()), dtype=torch.float32)
         _local.buf = buf
     return buf[:numel]
 
@@ -1410,32 +1412,31 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
                   window: int | None, q: Tensor, k: Tensor, v: Tensor, scale: float, split: int) -> tuple[Tensor, Tensor]:
     """One decode query's whole DSA step in two C calls and no torch op on the way: the indexer queries' RoPE,
     their int8 quantisation, the scores of every visible key, the exact top-k (ascending positions), then
-    attention over those rows read in place. The caller checks ``decode_sparse_supported``.
+    attention over those rows read in place. The caller checks ``decode_sparse_supported``. Tensors keep their
+    leading batch / query dims of 1 (read through their strides: no indexing op per call).
 
     Args:
-        qi: (H_I, D_I) float32 indexer queries BEFORE RoPE (last dim contiguous); cos, sin: (r,) float32
-            contiguous rotate-half tables at ``pos`` (r = 0: no RoPE).
-        w: (H_I,) float32 contiguous head weights; k8: (S, D_I) int8 keys (rows may be strided); ks: (S,) float32
-            contiguous scales; pos: the query's position (keys 0..pos visible, S = pos + 1).
-        q: (H, D) main query after RoPE; k, v: (S, H_kv, D) cache views; split: rows per attention work item.
+        qi: (1, 1, H_I, D_I) float32 indexer queries BEFORE RoPE; cos, sin: (1, 1, r) float32 rotate-half tables
+            at ``pos`` (r = 0: no RoPE); w: (1, 1, H_I) float32 head weights.
+        k8: (1, S, D_I) int8 keys; ks: (1, S) float32 scales; pos: the query's position (S = pos + 1).
+        q: (1, 1, H, D) main query after RoPE; k, v: (1, S, H_kv, D) cache views; split: rows per work item.
 
     Returns:
-        (out (1, H, D_v) in q's dtype, idx (1, topk) int64, -1 padded).
+        (out (1, 1, H, D_v) in q's dtype, idx (1, 1, topk) int64 ascending, -1 padded).
     """
     lib = _get()
-    s_len = k8.shape[0]
-    h, d = qi.shape
-    idx = torch.empty(1, topk, dtype=torch.int64)
+    s_len, h, d = k8.shape[1], qi.shape[2], qi.shape[3]
+    r = cos.shape[-1]
+    idx = torch.empty(1, 1, topk, dtype=torch.int64)
     nt = torch.get_num_threads()
-    lib.dsa_select_i8(qi.data_ptr(), _F32, 0, qi.stride(0), w.data_ptr(), 0, k8.data_ptr(), k8.stride(0),
+    lib.dsa_select_i8(qi.data_ptr(), _F32, 0, qi.stride(2), w.data_ptr(), 0, k8.data_ptr(), k8.stride(1),
                       ks.data_ptr(), s_len, _pos_ptr(pos), 0, window or 0, 1, h, d, topk, 1, _scratch(s_len).data_ptr(),
-                      idx.data_ptr(), topk, nt, cos.data_ptr() if cos.numel() else None,
-                      sin.data_ptr() if sin.numel() else None, cos.numel())
-    hq, dv = q.shape[0], v.shape[2]
-    out = torch.empty(1, hq, dv, dtype=q.dtype)
-    rc = lib.dsa_attend(q.data_ptr(), 0, q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
-                        v.stride(1), _DT[q.dtype], _DT[k.dtype], idx.data_ptr(), topk, topk, None, 1, hq, k.shape[1],
-                        q.shape[1], dv, float(scale), out.data_ptr(), 0, out.stride(1), _DT[q.dtype], split, nt)
+                      idx.data_ptr(), topk, nt, cos.data_ptr() if r else None, sin.data_ptr() if r else None, r)
+    hq, dv = q.shape[2], v.shape[3]
+    out = torch.empty(1, 1, hq, dv, dtype=q.dtype)
+    rc = lib.dsa_attend(q.data_ptr(), 0, q.stride(2), k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1),
+                        v.stride(2), _DT[q.dtype], _DT[k.dtype], idx.data_ptr(), topk, topk, None, 1, hq, k.shape[2],
+                        q.shape[3], dv, float(scale), out.data_ptr(), 0, dv, _DT[q.dtype], split, nt)
     if rc != 0:
         raise ValueError("decode_sparse: shape beyond the kernel's limits (check decode_sparse_supported)")
     return out, idx
@@ -1451,13 +1452,16 @@ def _pos_ptr(pos: int) -> int:
     return _POS.data_ptr()
 
 
-def decode_sparse_supported(qi: Tensor, cos: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q: Tensor, k: Tensor,
-                            v: Tensor) -> bool:
+def decode_sparse_supported(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q: Tensor,
+                            k: Tensor, v: Tensor) -> bool:
     """Shapes, dtypes and layouts ``decode_sparse`` takes (else compose select_topk and sparse)."""
-    return (qi.dtype == torch.float32 and cos.dtype == torch.float32 and w.dtype == torch.float32
-            and k8.dtype == torch.int8 and ks.dtype == torch.float32 and qi.stride(-1) == 1 and w.stride(-1) == 1
-            and cos.is_contiguous() and ks.is_contiguous() and k8.stride(-1) == 1 and qi.device.type == "cpu"
-            and attend_supported(q, k, v) and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+    return (qi.dtype == torch.float32 and cos.dtype == torch.float32 and sin.dtype == torch.float32
+            and w.dtype == torch.float32 and k8.dtype == torch.int8 and ks.dtype == torch.float32
+            and qi.shape[:2] == (1, 1) and q.shape[:2] == (1, 1) and k8.shape[0] == 1 and k.shape[0] == 1
+            and qi.stride(-1) == 1 and w.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
+            and ks.stride(-1) == 1 and k8.stride(-1) == 1 and qi.device.type == "cpu"
+            and attend_supported(q[0, 0], k[0], v[0]) and q.stride(-1) == 1 and k.stride(-1) == 1
+            and v.stride(-1) == 1)
 
 
 def quantize_rows_into(x: Tensor, q: Tensor, scale: Tensor) -> bool:
