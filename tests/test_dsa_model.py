@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from parca import sparse as dsa
-from parca.checkpoint import attach_adapter, load_model, save_adapter, save_model
+from parca.checkpoint import load_model, save_adapter, save_model
 from parca.config import SparseConfig
 from parca.engine import Engine, SamplingParams
 from parca.errors import ConfigError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from parca.checkpoint import attach_adapter, load_model, save_adapter
+from parca.checkpoint import load_model, save_adapter
 from parca.cli import main
 from parca.config import SparseConfig
 from parca.engine import Engine

@@ -74,3 +74,16 @@ def test_copy_heads_of_the_shipped_model(script):
         assert all(0.0 <= x <= 1.0 for x in layer["previous_token"] + layer["induction"])
     # what the card states: no induction head (attention to the target stays near uniform)
     assert max(max(v["induction"]) for v in res.values()) < 0.05
+
+
+def test_induction_plateau_script_runs_each_flag():
+    """scripts/induction_plateau.py: a few updates with every flag on give a finite curve and the JSON fields."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "induction_plateau.py"
+    spec = importlib.util.spec_from_file_location("induction_plateau", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--steps", "3", *[f"--{f}" for f in mod.FLAGS]])
+    assert out["flags"] == list(mod.FLAGS) and out["steps"] == 3 and out["curve"][-1][0] == 3
+    assert math.isfinite(out["final_loss"]) and out["uniform_nats"] == round(math.log(256), 3)
+    with pytest.raises(SystemExit):
+        mod.main(["--steps", "1", "--vocab8k", "--alpha", "9000"])  # more symbols than output classes

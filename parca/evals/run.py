@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from parca.errors import ParcaError
 from parca.evals import report
 from parca.evals.haystack import EvalError
 from parca.evals.scoring import score as score_one
