@@ -37,6 +37,7 @@ class FusedLinear:
     was replaced since (``model.to(...)``, ``load_state_dict(assign=True)``), the next call fuses again.
     Members that would need a gradient are run separately (the fused tensor is not their parameter), as are
     members of different dtype or device (then ``usable`` is False). The unfused members are the reference.
+    After a move (``model.to(device)``) the old fused storage lives until the next call re-fuses.
     """
 
     def __init__(self, linears: list[nn.Linear]) -> None:
