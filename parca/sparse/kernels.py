@@ -838,27 +838,29 @@ DSA_API int dsa_attend(const void* q, int64_t q_st, int64_t q_sh, const void* k,
 DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
                            const int8_t* k8, int64_t k_stride, const float* ks, int64_t S, const int64_t* qpos,
                            int64_t lo, int64_t window, int64_t T, int64_t H, int64_t D, int64_t k, int order,
-                           float* scores, int64_t* idx, int64_t idx_st, int nthreads, const float* rcos,
-                           const float* rsin, int64_t rope_dim) {
+                           float* scores, int64_t* idx, int64_t idx_st, int nthreads, const void* rcos,
+                           const void* rsin, int64_t rope_dim) {
     // rope_dim > 0: the queries arrive BEFORE their RoPE; rotate-half RoPE on their first rope_dim dims with the
-    // (T, rope_dim) tables rcos / rsin, the same float32 ops as parca.sparse.apply_rope_half (bit-identical)
+    // (T, rope_dim) tables rcos / rsin (in the queries' dtype), the same ops as parca.sparse.apply_rope_half:
+    // float32 mul / mul / add, or for bf16 each result rounded to bf16 as torch's bf16 ops do (bit-identical)
     std::vector<int8_t> q8((size_t)T * H * D);
     std::vector<float> qw((size_t)T * H), xf((size_t)D), xr((size_t)D);
     std::vector<int64_t> vlo(T), vhi(T);
     const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero row's scale
     const int64_t half = rope_dim / 2;
+    auto rb = [&](float x) { return dq == DT_F32 ? x : bf16_to_f32(f32_to_bf16(x)); };
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t h = 0; h < H; ++h) {
             for (int64_t d = 0; d < D; ++d) xf[d] = load1(q, t * q_st + h * q_sh + d, dq);
             if (rope_dim > 0) {
-                const float* c = rcos + t * rope_dim;
-                const float* sn = rsin + t * rope_dim;
                 for (int64_t d = 0; d < half; ++d) {
+                    float c1 = load1(rcos, t * rope_dim + d, dq), c2 = load1(rcos, t * rope_dim + d + half, dq);
+                    float s1 = load1(rsin, t * rope_dim + d, dq), s2 = load1(rsin, t * rope_dim + d + half, dq);
                     float x1 = xf[d], x2 = xf[d + half];
-                    float a = x1 * c[d], b = -x2 * sn[d];
-                    xr[d] = a + b;
-                    float a2 = x2 * c[d + half], b2 = x1 * sn[d + half];
-                    xr[d + half] = a2 + b2;
+                    float a = rb(x1 * c1), b = rb(-x2 * s1);
+                    xr[d] = rb(a + b);
+                    float a2 = rb(x2 * c2), b2 = rb(x1 * s2);
+                    xr[d + half] = rb(a2 + b2);
                 }
                 for (int64_t d = 0; d < rope_dim; ++d) xf[d] = xr[d];
             }
@@ -1416,8 +1418,8 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     leading batch / query dims of 1 (read through their strides: no indexing op per call).
 
     Args:
-        qi: (1, 1, H_I, D_I) float32 indexer queries BEFORE RoPE; cos, sin: (1, 1, r) float32 rotate-half tables
-            at ``pos`` (r = 0: no RoPE); w: (1, 1, H_I) float32 head weights.
+        qi: (1, 1, H_I, D_I) float32 / bf16 indexer queries BEFORE RoPE; cos, sin: (1, 1, r) rotate-half tables
+            at ``pos`` in qi's dtype (r = 0: no RoPE); w: (1, 1, H_I) float32 head weights.
         k8: (1, S, D_I) int8 keys; ks: (1, S) float32 scales; pos: the query's position (S = pos + 1).
         q: (1, 1, H, D) main query after RoPE; k, v: (1, S, H_kv, D) cache views; split: rows per work item.
 
@@ -1429,7 +1431,7 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     r = cos.shape[-1]
     idx = torch.empty(1, 1, topk, dtype=torch.int64)
     nt = torch.get_num_threads()
-    lib.dsa_select_i8(qi.data_ptr(), _F32, 0, qi.stride(2), w.data_ptr(), 0, k8.data_ptr(), k8.stride(1),
+    lib.dsa_select_i8(qi.data_ptr(), _DT[qi.dtype], 0, qi.stride(2), w.data_ptr(), 0, k8.data_ptr(), k8.stride(1),
                       ks.data_ptr(), s_len, _pos_ptr(pos), 0, window or 0, 1, h, d, topk, 1, _scratch(s_len).data_ptr(),
                       idx.data_ptr(), topk, nt, cos.data_ptr() if r else None, sin.data_ptr() if r else None, r)
     hq, dv = q.shape[2], v.shape[3]
@@ -1442,7 +1444,6 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     return out, idx
 
 
-_F32 = 0  # the kernels' float32 dtype code (see _DT)
 _POS = torch.zeros(1, dtype=torch.int64)
 
 
@@ -1455,7 +1456,7 @@ def _pos_ptr(pos: int) -> int:
 def decode_sparse_supported(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q: Tensor,
                             k: Tensor, v: Tensor) -> bool:
     """Shapes, dtypes and layouts ``decode_sparse`` takes (else compose select_topk and sparse)."""
-    return (qi.dtype == torch.float32 and cos.dtype == torch.float32 and sin.dtype == torch.float32
+    return (qi.dtype in _DT and cos.dtype == qi.dtype and sin.dtype == qi.dtype
             and w.dtype == torch.float32 and k8.dtype == torch.int8 and ks.dtype == torch.float32
             and qi.shape[:2] == (1, 1) and q.shape[:2] == (1, 1) and k8.shape[0] == 1 and k.shape[0] == 1
             and qi.stride(-1) == 1 and w.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
