@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
     for f, h in FLAGS.items():
         ap.add_argument("--" + f, action="store_true", help=h)
     ap.add_argument("--alpha", type=int, default=256, help="alphabet of the random tokens (default 256)")
+    ap.add_argument("--classes", type=int, default=0,
+                    help="output classes and embedding rows (default: --alpha, or 8,192 with --vocab8k)")
     ap.add_argument("--steps", type=int, default=1000, help="updates of 64 rows x 128 tokens (default 1000)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
@@ -51,9 +53,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     L, d, H, B = 128, 128, 4, 64
-    V = 8192 if a.vocab8k else a.alpha
+    V = a.classes or (8192 if a.vocab8k else a.alpha)
     if a.alpha > V:
-        ap.error(f"--alpha {a.alpha} exceeds the {V} output classes (add --vocab8k)")
+        ap.error(f"--alpha {a.alpha} exceeds the {V} output classes (add --vocab8k or --classes)")
 
     def gap_row(rng: random.Random) -> tuple[list[int], list[float]]:
         s = rng.randint(L // 8, L // 3)
@@ -139,7 +141,7 @@ def main(argv=None) -> dict:
         if step % 100 == 0 or step == a.steps:
             curve.append((step, round(ema, 3)))
             print(f"step {step}: copy loss {ema:.3f} ({time.time() - t0:.0f}s)", flush=True)
-    out = {"flags": [f for f in FLAGS if getattr(a, f)], "alpha": a.alpha, "lr": a.lr, "steps": a.steps,
+    out = {"flags": [f for f in FLAGS if getattr(a, f)], "alpha": a.alpha, "classes": V, "lr": a.lr, "steps": a.steps,
            "uniform_nats": round(math.log(a.alpha), 3), "final_loss": round(ema, 3), "escaped_at": escaped,
            "curve": curve, "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(out))

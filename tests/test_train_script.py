@@ -85,5 +85,6 @@ def test_induction_plateau_script_runs_each_flag():
     out = mod.main(["--steps", "3", *[f"--{f}" for f in mod.FLAGS]])
     assert out["flags"] == list(mod.FLAGS) and out["steps"] == 3 and out["curve"][-1][0] == 3
     assert math.isfinite(out["final_loss"]) and out["uniform_nats"] == round(math.log(256), 3)
+    assert mod.main(["--steps", "1", "--classes", "512"])["classes"] == 512
     with pytest.raises(SystemExit):
         mod.main(["--steps", "1", "--vocab8k", "--alpha", "9000"])  # more symbols than output classes
