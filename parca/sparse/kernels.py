@@ -1444,13 +1444,14 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     return out, idx
 
 
-_POS = torch.zeros(1, dtype=torch.int64)
-
-
 def _pos_ptr(pos: int) -> int:
-    """Address of a one-element int64 holding ``pos`` (a reused buffer: no tensor built per call)."""
-    _POS[0] = pos
-    return _POS.data_ptr()
+    """Address of a one-element int64 holding ``pos``: a per-thread reused buffer (no tensor built per call, and two
+    engines decoding on two threads never share it)."""
+    buf = getattr(_local, "pos", None)
+    if buf is None:
+        buf = _local.pos = torch.zeros(1, dtype=torch.int64)
+    buf[0] = pos
+    return buf.data_ptr()
 
 
 def decode_sparse_supported(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q: Tensor,
