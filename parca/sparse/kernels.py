@@ -1431,8 +1431,9 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     r = cos.shape[-1]
     idx = torch.empty(1, 1, topk, dtype=torch.int64)
     nt = torch.get_num_threads()
+    qpos = ctypes.c_int64(pos)  # the query position, passed by address (no tensor built per call)
     lib.dsa_select_i8(qi.data_ptr(), _DT[qi.dtype], 0, qi.stride(2), w.data_ptr(), 0, k8.data_ptr(), k8.stride(1),
-                      ks.data_ptr(), s_len, _pos_ptr(pos), 0, window or 0, 1, h, d, topk, 1, _scratch(s_len).data_ptr(),
+                      ks.data_ptr(), s_len, ctypes.addressof(qpos), 0, window or 0, 1, h, d, topk, 1, _scratch(s_len).data_ptr(),
                       idx.data_ptr(), topk, nt, cos.data_ptr() if r else None, sin.data_ptr() if r else None, r)
     hq, dv = q.shape[2], v.shape[3]
     out = torch.empty(1, 1, hq, dv, dtype=q.dtype)
@@ -1442,16 +1443,6 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     if rc != 0:
         raise ValueError("decode_sparse: shape beyond the kernel's limits (check decode_sparse_supported)")
     return out, idx
-
-
-def _pos_ptr(pos: int) -> int:
-    """Address of a one-element int64 holding ``pos``: a per-thread reused buffer (no tensor built per call, and two
-    engines decoding on two threads never share it)."""
-    buf = getattr(_local, "pos", None)
-    if buf is None:
-        buf = _local.pos = torch.zeros(1, dtype=torch.int64)
-    buf[0] = pos
-    return buf.data_ptr()
 
 
 def decode_sparse_supported(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q: Tensor,
