@@ -426,7 +426,7 @@ DSA_API void dsa_topk_rows(const float* scores, int64_t sc_stride, const int64_t
     int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, T));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        TopkScratch ws;  // buffers kept across calls: a fresh 1 MiB filter buffer page-faulted every call
+        static thread_local TopkScratch ws;  // kept across calls: a fresh 1 MiB filter buffer page-faulted every call
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < T; ++t)
             topk_row(scores + t * sc_stride, vlo[t], vhi[t], k, base, order, idx + t * idx_stride, ws);
@@ -835,6 +835,18 @@ DSA_API int dsa_attend(const void* q, int64_t q_st, int64_t q_sh, const void* k,
 // q: (T, H, D) float32 or bf16 with strides (q_st, q_sh), D contiguous; w: (T, H) float32 with row stride w_st.
 // scores: (T, S) float32 scratch. idx: (T, k) int64 with row stride idx_st.
 // ------------------------------------------------------------------------------------------------------------
+// Symmetric int8 of one row: scale = max(amax / 127, FLT_MIN), q = round-half-even(x / scale) clamped to
+// [-127, 127] -- the same float32 ops as parca.sparse.quantize_int8_rows (bit-identical). Returns the scale.
+static inline float quantize_row(const float* x, int64_t D, int8_t* q) {
+    const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero row's scale
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, fabsf(x[d]));
+    float scale = amax / 127.0f;
+    if (scale < tiny) scale = tiny;
+    for (int64_t d = 0; d < D; ++d) q[d] = (int8_t)std::min(127.0f, std::max(-127.0f, nearbyintf(x[d] / scale)));
+    return scale;
+}
+
 DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
                            const int8_t* k8, int64_t k_stride, const float* ks, int64_t S, const int64_t* qpos,
                            int64_t lo, int64_t window, int64_t T, int64_t H, int64_t D, int64_t k, int order,
@@ -846,7 +858,6 @@ DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, co
     std::vector<int8_t> q8((size_t)T * H * D);
     std::vector<float> qw((size_t)T * H), xf((size_t)D), xr((size_t)D);
     std::vector<int64_t> vlo(T), vhi(T);
-    const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero row's scale
     const int64_t half = rope_dim / 2;
     auto rb = [&](float x) { return dq == DT_F32 ? x : bf16_to_f32(f32_to_bf16(x)); };
     for (int64_t t = 0; t < T; ++t) {
@@ -864,16 +875,7 @@ DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, co
                 }
                 for (int64_t d = 0; d < rope_dim; ++d) xf[d] = xr[d];
             }
-            float amax = 0.0f;
-            for (int64_t d = 0; d < D; ++d) amax = std::max(amax, fabsf(xf[d]));
-            float scale = amax / 127.0f;
-            if (scale < tiny) scale = tiny;
-            int8_t* qr = q8.data() + (t * H + h) * D;
-            for (int64_t d = 0; d < D; ++d) {
-                float r = nearbyintf(xf[d] / scale);
-                qr[d] = (int8_t)std::min(127.0f, std::max(-127.0f, r));
-            }
-            qw[t * H + h] = w[t * w_st + h] * scale;
+            qw[t * H + h] = w[t * w_st + h] * quantize_row(xf.data(), D, q8.data() + (t * H + h) * D);
         }
         int64_t hi = std::min<int64_t>(S, std::max<int64_t>(0, qpos[t] + 1 - lo));
         int64_t l0 = window > 0 ? std::min<int64_t>(hi, std::max<int64_t>(0, qpos[t] - window + 1 - lo)) : 0;
@@ -885,24 +887,15 @@ DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, co
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Per-row symmetric int8 quantisation into a cache: scale = max(amax / 127, FLT_MIN), q = round-half-even(x /
-// scale) clamped to [-127, 127] -- the same float32 ops as parca.sparse.quantize_int8_rows (bit-identical).
+// Per-row int8 quantisation into a cache (dsa_quantize_rows): quantize_row for each of T rows.
 // x: (T, D) float32 / bf16 rows x_st elements apart; q: int8 rows q_st bytes apart; scale: (T,) float32.
 // ------------------------------------------------------------------------------------------------------------
 DSA_API void dsa_quantize_rows(const void* x, int dx, int64_t x_st, int64_t T, int64_t D, int8_t* q, int64_t q_st,
                                float* scale) {
-    const float tiny = 1.17549435e-38f;
+    std::vector<float> xf((size_t)D);
     for (int64_t t = 0; t < T; ++t) {
-        float amax = 0.0f;
-        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, fabsf(load1(x, t * x_st + d, dx)));
-        float sc = amax / 127.0f;
-        if (sc < tiny) sc = tiny;
-        int8_t* qr = q + t * q_st;
-        for (int64_t d = 0; d < D; ++d) {
-            float r = nearbyintf(load1(x, t * x_st + d, dx) / sc);
-            qr[d] = (int8_t)std::min(127.0f, std::max(-127.0f, r));
-        }
-        scale[t] = sc;
+        for (int64_t d = 0; d < D; ++d) xf[d] = load1(x, t * x_st + d, dx);
+        scale[t] = quantize_row(xf.data(), D, q + t * q_st);
     }
 }
 
@@ -1433,8 +1426,8 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     nt = torch.get_num_threads()
     qpos = ctypes.c_int64(pos)  # the query position, passed by address (no tensor built per call)
     lib.dsa_select_i8(qi.data_ptr(), _DT[qi.dtype], 0, qi.stride(2), w.data_ptr(), 0, k8.data_ptr(), k8.stride(1),
-                      ks.data_ptr(), s_len, ctypes.addressof(qpos), 0, window or 0, 1, h, d, topk, 1, _scratch(s_len).data_ptr(),
-                      idx.data_ptr(), topk, nt, cos.data_ptr() if r else None, sin.data_ptr() if r else None, r)
+                      ks.data_ptr(), s_len, ctypes.addressof(qpos), 0, window or 0, 1, h, d, topk, 1,
+                      _scratch(s_len).data_ptr(), idx.data_ptr(), topk, nt, cos.data_ptr() if r else None, sin.data_ptr() if r else None, r)
     hq, dv = q.shape[2], v.shape[3]
     out = torch.empty(1, 1, hq, dv, dtype=q.dtype)
     rc = lib.dsa_attend(q.data_ptr(), 0, q.stride(2), k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1),
@@ -1453,7 +1446,7 @@ def decode_sparse_supported(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8:
             and qi.shape[:2] == (1, 1) and q.shape[:2] == (1, 1) and k8.shape[0] == 1 and k.shape[0] == 1
             and qi.stride(-1) == 1 and w.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
             and ks.stride(-1) == 1 and k8.stride(-1) == 1 and qi.device.type == "cpu"
-            and attend_supported(q[0, 0], k[0], v[0]) and q.stride(-1) == 1 and k.stride(-1) == 1
+            and attend_supported(q, k, v) and q.stride(-1) == 1 and k.stride(-1) == 1
             and v.stride(-1) == 1)
 
 
