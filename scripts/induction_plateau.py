@@ -9,6 +9,12 @@ init, AdamW 0.9/0.999, RoPE base 10,000, output classes = the alphabet); each fl
 
     python scripts/induction_plateau.py                 # baseline
     python scripts/induction_plateau.py --vocab8k       # 8,192 output classes, 256 used
+    python scripts/induction_plateau.py --vocab8k --init02 --candidates batch   # the same, with the training
+                                                        # softmax restricted to the tokens in the batch
+
+The reported copy loss is always the full softmax over every output class; ``--candidates`` only changes what the
+training loss normalises over (a sampled softmax), ``--widen-after N`` then draws the random tokens from every class
+with the full softmax.
 
 Prints the loss every 100 steps and one JSON line (the step where the loss first fell below 2 nats, or null).
 Standalone: imports torch only.
@@ -45,6 +51,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--alpha", type=int, default=256, help="alphabet of the random tokens (default 256)")
     ap.add_argument("--classes", type=int, default=0,
                     help="output classes and embedding rows (default: --alpha, or 8,192 with --vocab8k)")
+    ap.add_argument("--candidates", choices=("all", "row", "batch"), default="all",
+                    help="classes the softmax of the training loss ranges over: all (default), the tokens present in "
+                         "the row (row) or in the batch (batch); the full-softmax loss is still reported")
+    ap.add_argument("--full-after", type=int, default=0,
+                    help="switch the training loss to the full softmax after this many updates (0: never)")
+    ap.add_argument("--widen-after", type=int, default=0,
+                    help="after this many updates draw the random tokens from all output classes and train on the "
+                         "full softmax (0: never)")
     ap.add_argument("--steps", type=int, default=1000, help="updates of 64 rows x 128 tokens (default 1000)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
@@ -59,7 +73,7 @@ def main(argv=None) -> dict:
 
     def gap_row(rng: random.Random) -> tuple[list[int], list[float]]:
         s = rng.randint(L // 8, L // 3)
-        toks = [rng.randrange(a.alpha) for _ in range(L)]
+        toks = [rng.randrange(alpha[0]) for _ in range(L)]
         p2 = rng.randint(s + 1, L - s)
         p1 = rng.randint(0, p2 - s)
         toks[p2 : p2 + s] = toks[p1 : p1 + s]
@@ -118,8 +132,12 @@ def main(argv=None) -> dict:
     fr = torch.cat([fr, fr], -1)
     cos, sin = fr.cos(), fr.sin()
     rng = random.Random(a.seed)
-    t0, ema, escaped, curve = time.time(), None, None, []
+    alpha = [a.alpha]
+    t0, ema, fema, escaped, curve = time.time(), None, None, None, []
     for step in range(1, a.steps + 1):
+        if a.widen_after and step == a.widen_after + 1:
+            alpha[0] = V
+            print(f"step {step}: tokens now drawn from all {V} classes, full softmax", flush=True)
         rows = [gap_row(rng) for _ in range(B)]
         ids = torch.tensor([r for r, _ in rows])
         w = torch.tensor([x for _, x in rows])
@@ -127,7 +145,18 @@ def main(argv=None) -> dict:
         for blk in blocks:
             x = blk(x, cos, sin)
         sel = w[:, 1:] > 0
-        loss = F.cross_entropy(head(fnorm(x[:, :-1])[sel]), ids[:, 1:][sel])
+        logits = head(fnorm(x[:, :-1])[sel])
+        target = ids[:, 1:][sel]
+        full_loss = F.cross_entropy(logits, target)
+        restrict = a.candidates != "all" and not (a.full_after and step > a.full_after) and alpha[0] != V
+        if restrict:
+            present = torch.zeros(B, V, dtype=torch.bool).scatter_(1, ids, True)
+            if a.candidates == "batch":
+                present = present.any(0, keepdim=True).expand(B, V)
+            rows_of = torch.arange(B)[:, None].expand_as(sel)[sel]
+            loss = F.cross_entropy(logits.masked_fill(~present[rows_of], float("-inf")), target)
+        else:
+            loss = full_loss
         opt.zero_grad()
         loss.backward()
         if a.adam95:
@@ -136,13 +165,17 @@ def main(argv=None) -> dict:
                 g["lr"] = a.lr * min(1.0, step / 20)
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if escaped is None and ema < 2.0:
+        fema = full_loss.item() if fema is None else 0.9 * fema + 0.1 * full_loss.item()
+        if escaped is None and fema < 2.0:
             escaped = step
         if step % 100 == 0 or step == a.steps:
-            curve.append((step, round(ema, 3)))
-            print(f"step {step}: copy loss {ema:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            curve.append((step, round(fema, 3)))
+            extra = f", trained on {ema:.3f}" if restrict else ""
+            print(f"step {step}: copy loss {fema:.3f}{extra} ({time.time() - t0:.0f}s)", flush=True)
     out = {"flags": [f for f in FLAGS if getattr(a, f)], "alpha": a.alpha, "classes": V, "lr": a.lr, "steps": a.steps,
-           "uniform_nats": round(math.log(a.alpha), 3), "final_loss": round(ema, 3), "escaped_at": escaped,
+           "candidates": a.candidates, "full_after": a.full_after,
+           "widen_after": a.widen_after,
+           "uniform_nats": round(math.log(a.alpha), 3), "final_loss": round(fema, 3), "escaped_at": escaped,
            "curve": curve, "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(out))
     return out

@@ -88,7 +88,22 @@ STAGES = [
     {"name": "stage2", "phases": "512:180,1024:40,2048:16,4096:12,8192:8", "lr": 2e-3, "warmup": 10,
      "prose_frac": 0.10, "copy_frac": 0.30},
 ]
-DEFAULT_PHASES = STAGES[-1]["phases"]  # what --probe measures
+# Session 4: stages 1-2 above made the shipped "plumbing" model, which never left the copy circuit's plateau.
+# Stage 3 grows that circuit first: gap-copy rows only (content matching, no fixed offset works) over a 256-token
+# alphabet (the most frequent tokens of the training text), with the training softmax restricted to the tokens
+# that occur in the batch ("candidates": "batch"). scripts/induction_plateau.py measured that restriction: a
+# 2-layer probe with 8,192 output classes left the plateau at ~400 updates with it, ~1,750 without. The stage
+# ends once the full-softmax copy loss (EMA) falls below "stop_below" nats (after "min_steps"). Stage 4 is the
+# retrieval curriculum on top of the circuit: gap rows over the whole vocabulary, prose copies, dense key-value
+# rows and task samples, up to 8K.
+STAGES += [
+    {"name": "stage3", "phases": "128:1500", "lr": 1e-3, "warmup": 20, "decay": "wsd", "tokens_per_step": 8192,
+     "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 256, "candidates": "batch",
+     "stop_below": 1.0, "min_steps": 50},
+    {"name": "stage4", "phases": "512:150,1024:80,2048:40,4096:20,8192:10", "lr": 1e-3, "warmup": 10,
+     "prose_frac": 0.10, "copy_frac": 0.15, "gap_frac": 0.15, "kv_frac": 0.20},
+]
+DEFAULT_PHASES = STAGES[1]["phases"]  # what --probe measures
 
 
 def log(msg: str) -> None:
@@ -152,13 +167,24 @@ def answer_text(task: str, answers: list[str]) -> str:
     return ", ".join(answers[:-1]) + " and " + answers[-1] + "."
 
 
+def frequent_tokens(tok, n: int) -> list[int]:
+    """The ``n`` most frequent ordinary (non-special) token ids of the training text: the shipped prose plus 300
+    rendered task samples (``tokenizer_corpus``). Deterministic (ties keep first-occurrence order)."""
+    from collections import Counter
+
+    special = set(range(3 + len(ROLE_TOKENS)))
+    counts = Counter(t for text in tokenizer_corpus() for t in tok.encode(text) if t not in special)
+    return [t for t, _ in counts.most_common(n)]
+
+
 class DataSource:
     """Batches of (ids, weights) rows: prose LM windows and retrieval samples that fill the window."""
 
     def __init__(self, tok, prose_frac: float, answer_weight: float, prompt_keep: float = 0.15,
                  copy_frac: float = 0.0, repeat_frac: float = 0.0, repeat_alphabet: int = 0,
-                 kv_frac: float = 0.0) -> None:
+                 kv_frac: float = 0.0, gap_frac: float = 0.0, gap_alphabet: int = 0) -> None:
         self.copy_frac = copy_frac
+        self.gap_frac = gap_frac
         self.repeat_frac = repeat_frac
         n_special = 3 + len(ROLE_TOKENS)
         self.repeat_lo = n_special
@@ -168,6 +194,8 @@ class DataSource:
         self.tok = tok
         self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, tok.token_id(PAD)
         self.prose = torch.tensor(tok.encode(prose_text()), dtype=torch.long)
+        # gap rows draw from the gap_alphabet most frequent tokens of the training text (0: every ordinary token)
+        self.gap_alphabet = frequent_tokens(tok, gap_alphabet) if gap_alphabet > 0 else None
         self.prose_frac = prose_frac
         self.answer_weight = answer_weight
         self.prompt_keep = prompt_keep
@@ -255,7 +283,10 @@ class DataSource:
         """Random token ids with one segment (L/8..L/3 tokens) copied after a random gap, the copy supervised
         after its first token: no fixed offset works, only matching content (an induction head) does."""
         s = rng.randint(max(2, L // 8), max(3, L // 3))
-        toks = [rng.randrange(self.repeat_lo, self.repeat_hi) for _ in range(L - 1)]
+        if self.gap_alphabet is not None:
+            toks = [self.gap_alphabet[rng.randrange(len(self.gap_alphabet))] for _ in range(L - 1)]
+        else:
+            toks = [rng.randrange(self.repeat_lo, self.repeat_hi) for _ in range(L - 1)]
         p2 = rng.randint(s + 1, L - 1 - s)
         p1 = rng.randint(0, p2 - s)
         toks[p2 : p2 + s] = toks[p1 : p1 + s]
@@ -312,6 +343,7 @@ class DataSource:
         n_copy = sum(1 for _ in range(B) if rng.random() < self.copy_frac) if self.copy_frac > 0 else 0
         n_rep = sum(1 for _ in range(B) if rng.random() < self.repeat_frac) if self.repeat_frac > 0 else 0
         n_kv = sum(1 for _ in range(B) if rng.random() < self.kv_frac) if self.kv_frac > 0 else 0
+        n_gap = sum(1 for _ in range(B) if rng.random() < self.gap_frac) if self.gap_frac > 0 else 0
         for b in range(B):
             if b < n_prose:
                 row, wr = self.prose_row(rng, L)
@@ -321,6 +353,8 @@ class DataSource:
                 row, wr = self.repeat_row(rng, L)
             elif b < n_prose + n_copy + n_rep + n_kv:
                 row, wr = self.kv_row(rng, L)
+            elif b < n_prose + n_copy + n_rep + n_kv + n_gap:
+                row, wr = self.gap_row(rng, L)
             else:
                 row, wr = self.retrieval_row(rng, L)
             ids[b, : len(row)] = torch.tensor(row)
@@ -380,13 +414,28 @@ def train_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     return model.model.norm(h)
 
 
-def weighted_loss(model, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
+def weighted_loss(model, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, candidates: str = "all",
+                  full: list | None = None):
     """Weighted next-token CE over the positions with weight > 0 only (the LM head runs on those rows alone).
 
+    ``candidates="batch"`` restricts the softmax to the token ids that occur in ``ids`` (a sampled softmax: the
+    other logits get no gradient); ``full``, if given, receives the unrestricted CE (detached) for monitoring.
     Returns (loss, mean CE of retrieval answer tokens (weight >= 10; copies weigh 5), detached)."""
     hs, tgt, ws = hidden[:, :-1], ids[:, 1:], w[:, 1:]
     sel = ws > 0
     logits = model.lm_head(hs[sel]).float()  # (N,V)
+    if full is not None or candidates != "all":
+        with torch.no_grad():
+            full_ce = F.cross_entropy(logits, tgt[sel], reduction="none")
+            full_mean = (full_ce * ws[sel]).sum() / ws[sel].sum()
+        if full is not None:
+            full.append(full_mean)
+    if candidates == "batch":
+        present = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        present[ids.reshape(-1)] = True
+        logits = logits.masked_fill(~present, float("-inf"))
+    elif candidates != "all":
+        raise ValueError(f"candidates must be 'all' or 'batch', got {candidates!r}")
     ce = F.cross_entropy(logits, tgt[sel], reduction="none")
     wsel = ws[sel]
     ans = wsel >= 10.0
@@ -472,7 +521,14 @@ def train(args) -> None:
     overrides = dict(o.split("=", 1) for o in args.phases_override)
     all_stats = []
     prev_ckpt: Path | None = None
+    names = [st["name"] for st in STAGES]
+    chosen = args.stages.split(",") if args.stages else names
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {unknown}; the recipe has {names}")
     for si, stage in enumerate(STAGES):
+        if stage["name"] not in chosen:
+            continue
         phases_text = overrides.get(stage["name"], stage["phases"])
         stats = run_stage(args, model, tok, tok_dir, work / stage["name"], si, stage, phases_text, prev_ckpt)
         all_stats.append(stats)
@@ -495,7 +551,10 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
 
     data = DataSource(tok, stage["prose_frac"], args.answer_weight, copy_frac=stage["copy_frac"],
                       repeat_frac=stage.get("repeat_frac", 0.0), repeat_alphabet=stage.get("repeat_alphabet", 0),
-                      kv_frac=stage.get("kv_frac", 0.0))
+                      kv_frac=stage.get("kv_frac", 0.0), gap_frac=stage.get("gap_frac", 0.0),
+                      gap_alphabet=stage.get("gap_alphabet", 0))
+    candidates = stage.get("candidates", "all")
+    stop_below, min_steps = stage.get("stop_below"), stage.get("min_steps", 0)
     tokens_per_step = args.tokens_per_step or stage.get("tokens_per_step", 4096)
     phases = parse_phases(phases_text)
     total = sum(s for _, s in phases)
@@ -505,7 +564,7 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=stage["lr"], betas=(0.9, 0.95), eps=1e-8)
     ckpt = sdir / "ckpt.pt"
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    step, tokens_seen, elapsed_before, stopped_at = 0, 0, 0.0, None
     if ckpt.is_file() and not args.fresh:
         st = torch.load(ckpt, map_location=args.device, weights_only=True)
         model.load_state_dict(st["model"])
@@ -513,21 +572,27 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
         step = int(st["step"])
         tokens_seen = int(st["meta"].get("tokens_seen", 0))
         elapsed_before = float(st["meta"].get("train_s", 0.0))
+        stopped_at = st["meta"].get("stopped_at")
         log(f"{stage['name']}: resumed from {ckpt} at step {step}/{total} ({tokens_seen:,} tokens, "
             f"{elapsed_before:.0f}s before)")
     elif prev_ckpt is not None:
         model.load_state_dict(torch.load(prev_ckpt, map_location=args.device, weights_only=True)["model"])
         log(f"{stage['name']}: starts from the weights of {prev_ckpt} (fresh optimizer)")
     log(f"{stage['name']}: phases {phases_text}, lr {stage['lr']}, prose {stage['prose_frac']}, "
-        f"copy {stage['copy_frac']}, repeat {stage.get('repeat_frac', 0.0)}, {tokens_per_step} tokens/step")
+        f"copy {stage['copy_frac']}, repeat {stage.get('repeat_frac', 0.0)}, gap {stage.get('gap_frac', 0.0)} "
+        f"(alphabet {stage.get('gap_alphabet') or 'all'}), kv {stage.get('kv_frac', 0.0)}, softmax over "
+        f"{candidates} classes, {tokens_per_step} tokens/step"
+        + (f", stops when the full-softmax loss < {stop_below}" if stop_below is not None else ""))
+    if stopped_at is not None:
+        log(f"{stage['name']}: finished early at step {stopped_at} (full-softmax loss < {stop_below}); skipping")
     model.train()
     bar = tqdm(total=total, initial=step, file=sys.stdout, mininterval=5, dynamic_ncols=False, ncols=120)
     t_train = time.time()
-    ema = ema_ans = None
+    ema = ema_ans = ema_full = None
     boundary = 0
     for L, n_steps in phases:
         boundary += n_steps
-        if step >= boundary:
+        if step >= boundary or stopped_at is not None:
             continue
         B = max(1, tokens_per_step // L)
         while step < boundary:
@@ -537,7 +602,8 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
             for g in opt.param_groups:
                 g["lr"] = lr
             hidden = train_forward(model, ids)
-            loss, ans_loss = weighted_loss(model, hidden, ids, w)
+            full: list = []
+            loss, ans_loss = weighted_loss(model, hidden, ids, w, candidates, full)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -546,22 +612,31 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
             tokens_seen += int((ids != data.pad).sum())  # every token the model read (pads excluded)
             ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
             ema_ans = ans_loss.item() if ema_ans is None else 0.9 * ema_ans + 0.1 * ans_loss.item()
+            f = full[0].item()
+            ema_full = f if ema_full is None else 0.9 * ema_full + 0.1 * f
             bar.set_postfix_str(f"L={L} B={B} loss={ema:.3f} ans={ema_ans:.3f} lr={lr:.1e} tok={tokens_seen/1e6:.2f}M")
             bar.update(1)
+            full_txt = f" full-softmax {ema_full:.3f}" if candidates != "all" else ""
             if step % args.log_every == 0:
-                bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']} step {step}/{total} L={L} loss {ema:.3f} "
-                          f"answer-loss {ema_ans:.3f} tokens {tokens_seen:,}")
-            if step % args.save_every == 0 or step == boundary:
+                bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']} step {step}/{total} L={L} loss {ema:.3f}"
+                          f"{full_txt} answer-loss {ema_ans:.3f} tokens {tokens_seen:,}")
+            if stop_below is not None and step >= min_steps and ema_full < stop_below:
+                stopped_at = step
+                bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']}: full-softmax loss {ema_full:.3f} < "
+                          f"{stop_below} at step {step} ({tokens_seen:,} tokens): stage done")
+            if step % args.save_every == 0 or step == boundary or stopped_at is not None:
                 meta = {"tokens_seen": tokens_seen, "train_s": elapsed_before + time.time() - t_train,
-                        "phases": phases_text}
+                        "phases": phases_text, "stopped_at": stopped_at}
                 save_ckpt(ckpt, model, opt, step, meta)
-                if step == boundary:
+                if step == boundary or stopped_at is not None:
                     export(model, tok_dir, sdir / f"export_L{L}")
                     bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']} phase L={L} done; "
                               f"exported {sdir / f'export_L{L}'}")
+                if stopped_at is not None:
+                    break
     bar.close()
     return {"name": stage["name"], "phases": phases_text, "steps": step, "tokens_seen": tokens_seen,
-            "train_wall_s": round(elapsed_before + time.time() - t_train, 1)}
+            "stopped_at": stopped_at, "train_wall_s": round(elapsed_before + time.time() - t_train, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,10 +654,10 @@ def probe(args) -> None:
     tok = Tokenizer(tok_dir)
     model = build_model(args, tok)
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
-    data = DataSource(tok, STAGES[-1]["prose_frac"], args.answer_weight, copy_frac=STAGES[-1]["copy_frac"])
+    data = DataSource(tok, STAGES[1]["prose_frac"], args.answer_weight, copy_frac=STAGES[1]["copy_frac"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for L, _ in parse_phases(args.phases):
-        B = max(1, (args.tokens_per_step or STAGES[-1].get("tokens_per_step", 4096)) // L)
+        B = max(1, (args.tokens_per_step or STAGES[1].get("tokens_per_step", 4096)) // L)
         times = []
         for i in range(2):
             td = time.time()
@@ -751,6 +826,9 @@ def main(argv=None) -> None:
     p.add_argument("--phases", default=DEFAULT_PHASES, help="lengths --probe measures (LEN:STEPS,...)")
     p.add_argument("--phases-override", action="append", default=[], metavar="STAGE=LEN:STEPS,...",
                    help="replace a stage's curriculum, e.g. stage2=512:100,2048:20 (repeatable)")
+    p.add_argument("--stages", default="",
+                   help="comma-separated stages of the recipe to run (default: all); a skipped first stage means "
+                        "the next one starts from the init")
     p.add_argument("--tokens-per-step", type=int, default=0,
                    help="batch = max(1, this // LEN) rows (default: each stage's own, else 4096)")
     p.add_argument("--vocab", type=int, default=8192)

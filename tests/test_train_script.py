@@ -86,5 +86,88 @@ def test_induction_plateau_script_runs_each_flag():
     assert out["flags"] == list(mod.FLAGS) and out["steps"] == 3 and out["curve"][-1][0] == 3
     assert math.isfinite(out["final_loss"]) and out["uniform_nats"] == round(math.log(256), 3)
     assert mod.main(["--steps", "1", "--classes", "512"])["classes"] == 512
+    out = mod.main(["--steps", "4", "--vocab8k", "--candidates", "batch", "--widen-after", "2"])
+    assert out["candidates"] == "batch" and out["widen_after"] == 2 and math.isfinite(out["final_loss"])
     with pytest.raises(SystemExit):
         mod.main(["--steps", "1", "--vocab8k", "--alpha", "9000"])  # more symbols than output classes
+
+
+def test_batch_candidates_restrict_the_softmax_to_tokens_in_the_batch(script):
+    """weighted_loss(candidates="batch") is the CE over the classes present in ids, absent rows of the output layer
+    get no gradient, and ``full`` receives the unrestricted loss (what candidates="all" returns)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    V, d = 50, 8
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(d, V, bias=False)
+
+    m = Head()
+    ids = torch.randint(0, 20, (2, 6))  # only classes < 20 occur
+    hidden = torch.randn(2, 6, d)
+    w = torch.rand(2, 6) + 0.5
+    w[:, 0] = 0
+    full: list = []
+    loss, _ = script.weighted_loss(m, hidden, ids, w, "batch", full)
+    logits = m.lm_head(hidden[:, :-1]).reshape(-1, V)
+    present = torch.zeros(V, dtype=torch.bool)
+    present[ids.reshape(-1)] = True
+    ce = F.cross_entropy(logits[:, present], torch.cumsum(present.long(), 0)[ids[:, 1:].reshape(-1)] - 1,
+                         reduction="none")
+    wf = w[:, 1:].reshape(-1)
+    torch.testing.assert_close(loss, (ce * wf).sum() / wf.sum())
+    loss.backward()
+    assert m.lm_head.weight.grad[~present].abs().max() == 0 and m.lm_head.weight.grad[present].abs().max() > 0
+    all_loss, _ = script.weighted_loss(m, hidden, ids, w, "all")
+    torch.testing.assert_close(full[0], all_loss.detach())
+    assert all_loss > loss  # the restricted softmax drops the absent classes' mass
+    with pytest.raises(ValueError, match="candidates"):
+        script.weighted_loss(m, hidden, ids, w, "row")
+
+
+def test_frequent_token_alphabet_of_gap_rows(script):
+    from parca.tokenizer import Tokenizer
+
+    tok = Tokenizer(ROOT / "parca" / "assets" / "default")
+    alpha = script.frequent_tokens(tok, 64)
+    assert len(alpha) == len(set(alpha)) == 64 and min(alpha) >= 3 + len(script.ROLE_TOKENS)
+    assert alpha == script.frequent_tokens(tok, 64)  # deterministic
+    src = script.DataSource(tok, 0.0, 20.0, gap_frac=1.0, gap_alphabet=64)
+    ids, w = src.batch(7, 64, 3)
+    assert set(ids[:, 1:].reshape(-1).tolist()) <= set(alpha) and (ids[:, 0] == tok.bos_id).all()
+    assert (w > 0).any(1).all()  # every row supervises its copy
+
+
+def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it(script, tmp_path):
+    """A stage with ``stop_below`` ends (checkpoint + export) at the first step >= min_steps whose full-softmax
+    EMA is below the threshold; rerunning it resumes as finished instead of training on."""
+    import argparse
+
+    import torch
+
+    from parca.config import ModelConfig
+    from parca.models.llama import LlamaForCausalLM
+    from parca.tokenizer import Tokenizer
+
+    tok_dir = ROOT / "parca" / "assets" / "default"
+    tok = Tokenizer(tok_dir)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=tok.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      head_dim=16, max_position_embeddings=256, torch_dtype="float32", bos_token_id=tok.bos_id,
+                      eos_token_id=[tok.eos_id])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg, dtype=torch.float32)
+    args = argparse.Namespace(device="cpu", seed=1, answer_weight=20.0, tokens_per_step=0, wd=0.0, fresh=False,
+                              save_every=100, log_every=1)
+    stage = {"name": "s", "phases": "32:50", "lr": 1e-3, "warmup": 1, "tokens_per_step": 64, "prose_frac": 0.0,
+             "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 32, "candidates": "batch", "stop_below": 100.0,
+             "min_steps": 3}
+    st = script.run_stage(args, model, tok, tok_dir, tmp_path / "s", 0, stage, stage["phases"], None)
+    assert st["stopped_at"] == 3 and st["steps"] == 3 and st["tokens_seen"] == 3 * 64
+    assert (tmp_path / "s" / "ckpt.pt").is_file() and (tmp_path / "s" / "export_L32" / "model.safetensors").is_file()
+    again = script.run_stage(args, model, tok, tok_dir, tmp_path / "s", 0, stage, stage["phases"], None)
+    assert again["stopped_at"] == 3 and again["steps"] == 3
