@@ -18,6 +18,7 @@ Usage::
     python scripts/train_default_model.py --probe              # tokens/s at each curriculum length, no training
     python scripts/train_default_model.py --induction-probe --probe-rows gap   # does a copy circuit form? (see the card)
     python scripts/train_default_model.py --copy-heads         # previous-token / induction attention per head
+    python scripts/train_default_model.py --copy-eval --model-dir DIR   # held-out copy loss by alphabet and length
 
 Training runs on a private forward (``train_forward``) that reuses the model's own modules with
 ``scaled_dot_product_attention(is_causal=True)`` (batched, no KV cache); ``--check`` asserts it matches
@@ -88,22 +89,32 @@ STAGES = [
     {"name": "stage2", "phases": "512:180,1024:40,2048:16,4096:12,8192:8", "lr": 2e-3, "warmup": 10,
      "prose_frac": 0.10, "copy_frac": 0.30},
 ]
-# Session 4: stages 1-2 above made the shipped "plumbing" model, which never left the copy circuit's plateau.
-# Stage 3 grows that circuit first: gap-copy rows only (content matching, no fixed offset works) over a 256-token
-# alphabet (the most frequent tokens of the training text), with the training softmax restricted to the tokens
-# that occur in the batch ("candidates": "batch"). scripts/induction_plateau.py measured that restriction: a
-# 2-layer probe with 8,192 output classes left the plateau at ~400 updates with it, ~1,750 without. The stage
-# ends once the full-softmax copy loss (EMA) falls below "stop_below" nats (after "min_steps"). Stage 4 is the
-# retrieval curriculum on top of the circuit: gap rows over the whole vocabulary, prose copies, dense key-value
-# rows and task samples, up to 8K.
+# Session 4: stages 1-2 above made the shipped "plumbing" model (the default --stages), which never left the copy
+# circuit's plateau. Stages 3+ are the copy-first path measured in MODEL_CARD.md ("Session 4"), run from scratch
+# with --stages: gap-copy rows only (content matching; no fixed offset works) with the training softmax restricted
+# to the token ids in the batch ("candidates": "batch"; scripts/induction_plateau.py: 8,192 output classes leave
+# the plateau at ~400 updates with it, ~1,750 without). stage3 grows the circuit on the 256 most frequent tokens
+# at 128 tokens and ends once the full-softmax copy loss (EMA) is below "stop_below" (measured: 640 updates);
+# stage3b widens it to 1,024 tokens and 512 positions, stage3c to the whole vocabulary and 2,048. stage4 is the
+# retrieval mix; run straight after stage3 it erased the circuit (the card's table). stage4b branches off stage3c:
+# a gentler retrieval mix (lr 5e-4, 30% gap rows that keep the batch softmax, "candidates": "gap").
 STAGES += [
     {"name": "stage3", "phases": "128:1500", "lr": 1e-3, "warmup": 20, "decay": "wsd", "tokens_per_step": 8192,
      "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 256, "candidates": "batch",
      "stop_below": 1.0, "min_steps": 50},
+    {"name": "stage3b", "phases": "128:100,256:100,512:100", "lr": 1e-3, "warmup": 20, "decay": "wsd",
+     "tokens_per_step": 8192, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 1024,
+     "candidates": "batch"},
+    {"name": "stage3c", "phases": "512:250,2048:50", "lr": 1e-3, "warmup": 20, "decay": "wsd",
+     "tokens_per_step": 8192, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 0,
+     "candidates": "batch"},
     {"name": "stage4", "phases": "512:150,1024:80,2048:40,4096:20,8192:10", "lr": 1e-3, "warmup": 10,
-     "prose_frac": 0.10, "copy_frac": 0.15, "gap_frac": 0.15, "kv_frac": 0.20},
+     "prose_frac": 0.10, "copy_frac": 0.15, "gap_frac": 0.15, "kv_frac": 0.20, "init_from": "stage3"},
+    {"name": "stage4b", "phases": "512:150,1024:60,2048:30", "lr": 5e-4, "warmup": 30, "init_from": "stage3c",
+     "prose_frac": 0.10, "copy_frac": 0.10, "gap_frac": 0.30, "kv_frac": 0.20, "candidates": "gap"},
 ]
 DEFAULT_PHASES = STAGES[1]["phases"]  # what --probe measures
+SHIPPED_STAGES = "stage1,stage2"  # what made parca/assets/default; stages 3+ are the session-4 copy-first path
 
 
 def log(msg: str) -> None:
@@ -360,6 +371,8 @@ class DataSource:
             ids[b, : len(row)] = torch.tensor(row)
             w[b, : len(wr)] = torch.tensor(wr)
         w[:, 0] = 0.0  # BOS is never a target
+        self.last_gap_rows = torch.zeros(B, dtype=torch.bool)  # which rows are gap rows ("candidates": "gap")
+        self.last_gap_rows[n_prose + n_copy + n_rep + n_kv : n_prose + n_copy + n_rep + n_kv + n_gap] = True
         return ids, w
 
 
@@ -415,11 +428,13 @@ def train_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_loss(model, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, candidates: str = "all",
-                  full: list | None = None):
+                  full: list | None = None, rows: torch.Tensor | None = None):
     """Weighted next-token CE over the positions with weight > 0 only (the LM head runs on those rows alone).
 
     ``candidates="batch"`` restricts the softmax to the token ids that occur in ``ids`` (a sampled softmax: the
-    other logits get no gradient); ``full``, if given, receives the unrestricted CE (detached) for monitoring.
+    other logits get no gradient); ``candidates="gap"`` does so for the rows flagged in ``rows`` (B,) only, over
+    the ids of those rows, the other rows keeping the full softmax. ``full``, if given, receives the
+    unrestricted CE (detached) for monitoring.
     Returns (loss, mean CE of retrieval answer tokens (weight >= 10; copies weigh 5), detached)."""
     hs, tgt, ws = hidden[:, :-1], ids[:, 1:], w[:, 1:]
     sel = ws > 0
@@ -430,12 +445,16 @@ def weighted_loss(model, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tenso
             full_mean = (full_ce * ws[sel]).sum() / ws[sel].sum()
         if full is not None:
             full.append(full_mean)
-    if candidates == "batch":
+    if candidates == "batch" or (candidates == "gap" and rows is not None and bool(rows.any())):
         present = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        present[ids.reshape(-1)] = True
-        logits = logits.masked_fill(~present, float("-inf"))
-    elif candidates != "all":
-        raise ValueError(f"candidates must be 'all' or 'batch', got {candidates!r}")
+        present[(ids if candidates == "batch" else ids[rows]).reshape(-1)] = True
+        absent = ~present
+        if candidates == "gap":  # (N,V): only the positions of flagged rows lose the absent classes
+            row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sel)[sel]
+            absent = absent[None] & rows.to(ids.device)[row_of][:, None]
+        logits = logits.masked_fill(absent, float("-inf"))
+    elif candidates not in ("all", "gap"):
+        raise ValueError(f"candidates must be 'all', 'batch' or 'gap', got {candidates!r}")
     ce = F.cross_entropy(logits, tgt[sel], reduction="none")
     wsel = ws[sel]
     ans = wsel >= 10.0
@@ -522,13 +541,19 @@ def train(args) -> None:
     all_stats = []
     prev_ckpt: Path | None = None
     names = [st["name"] for st in STAGES]
-    chosen = args.stages.split(",") if args.stages else names
+    chosen = args.stages.split(",")
     unknown = [n for n in chosen if n not in names]
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {unknown}; the recipe has {names}")
     for si, stage in enumerate(STAGES):
         if stage["name"] not in chosen:
+            if (work / stage["name"] / "ckpt.pt").is_file():
+                prev_ckpt = work / stage["name"] / "ckpt.pt"  # a skipped stage that ran before seeds the next one
             continue
+        if "init_from" in stage:  # a stage that branches off an earlier one
+            prev_ckpt = work / stage["init_from"] / "ckpt.pt"
+            if not prev_ckpt.is_file():
+                raise SystemExit(f"{stage['name']} starts from {prev_ckpt}: run --stages {stage['init_from']} first")
         phases_text = overrides.get(stage["name"], stage["phases"])
         stats = run_stage(args, model, tok, tok_dir, work / stage["name"], si, stage, phases_text, prev_ckpt)
         all_stats.append(stats)
@@ -603,7 +628,7 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
                 g["lr"] = lr
             hidden = train_forward(model, ids)
             full: list = []
-            loss, ans_loss = weighted_loss(model, hidden, ids, w, candidates, full)
+            loss, ans_loss = weighted_loss(model, hidden, ids, w, candidates, full, data.last_gap_rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -745,6 +770,32 @@ def induction_probe(args) -> dict:
     return out
 
 
+def copy_eval(args) -> dict:
+    """Held-out copy loss (nats, full softmax) of ``--model-dir``: gap rows over the 256 and 1,024 most frequent
+    tokens and over the whole vocabulary at 128 / 512 / 2,048 tokens, and prose copies (``copy_row``) at 256 /
+    1,024. An induction circuit that generalises drives every entry towards 0; ln(alphabet) is a uniform guess."""
+    from parca.checkpoint import load_model
+    from parca.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model_dir or args.out)
+    tok = Tokenizer(model_dir)
+    model = load_model(model_dir, dtype="float32").eval()
+    held = random.Random(args.seed + 5)
+    table = {}
+    for name, src in (("frequent 256", DataSource(tok, 0.0, args.answer_weight, gap_alphabet=256)),
+                      ("frequent 1024", DataSource(tok, 0.0, args.answer_weight, gap_alphabet=1024)),
+                      ("whole vocabulary", DataSource(tok, 0.0, args.answer_weight))):
+        for n in (128, 512, 2048):
+            table[f"gap L={n}, {name}"] = round(copy_ce(model, [src.gap_row(held, n) for _ in range(4)]), 3)
+            log(f"held-out copy loss, gap L={n}, {name}: {table[f'gap L={n}, {name}']:.3f} nats")
+    for n in (256, 1024):
+        table[f"prose copy L={n}"] = round(copy_ce(model, [src.copy_row(held, n) for _ in range(4)]), 3)
+        log(f"held-out copy loss, prose copy L={n}: {table[f'prose copy L={n}']:.3f} nats")
+    print(json.dumps({"model": str(model_dir), "copy_loss": table}))
+    return table
+
+
 def copy_heads(args) -> dict:
     """Per layer and head: mean attention to the previous token and to the induction target (the token after the
     earlier copy of the current token) over the second half of a 128-token prose span followed by its repeat."""
@@ -826,9 +877,10 @@ def main(argv=None) -> None:
     p.add_argument("--phases", default=DEFAULT_PHASES, help="lengths --probe measures (LEN:STEPS,...)")
     p.add_argument("--phases-override", action="append", default=[], metavar="STAGE=LEN:STEPS,...",
                    help="replace a stage's curriculum, e.g. stage2=512:100,2048:20 (repeatable)")
-    p.add_argument("--stages", default="",
-                   help="comma-separated stages of the recipe to run (default: all); a skipped first stage means "
-                        "the next one starts from the init")
+    p.add_argument("--stages", default=SHIPPED_STAGES,
+                   help=f"comma-separated stages of STAGES to run (default {SHIPPED_STAGES}: the shipped model's "
+                        "recipe); a stage starts from the previous stage's checkpoint in --work-dir, or from the "
+                        "init if there is none (e.g. --stages stage3,stage3b starts from scratch)")
     p.add_argument("--tokens-per-step", type=int, default=0,
                    help="batch = max(1, this // LEN) rows (default: each stage's own, else 4096)")
     p.add_argument("--vocab", type=int, default=8192)
@@ -860,6 +912,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-only", action="store_true", help="greedy accuracy of --model-dir with parca's Engine")
     p.add_argument("--induction-probe", action="store_true",
                    help="train on copy rows only and report whether a content-matching copy circuit forms")
+    p.add_argument("--copy-eval", action="store_true",
+                   help="held-out copy loss of --model-dir on gap rows (3 alphabets x 3 lengths) and prose copies")
     p.add_argument("--copy-heads", action="store_true",
                    help="per head of --model-dir (default: the shipped model): attention to the previous token and "
                         "to the induction target on a repeated prose span")
@@ -884,6 +938,8 @@ def main(argv=None) -> None:
         induction_probe(args)
     elif args.copy_heads:
         copy_heads(args)
+    elif args.copy_eval:
+        copy_eval(args)
     elif args.eval_only:
         evaluate(args)
     else:

@@ -127,6 +127,18 @@ def test_batch_candidates_restrict_the_softmax_to_tokens_in_the_batch(script):
     assert all_loss > loss  # the restricted softmax drops the absent classes' mass
     with pytest.raises(ValueError, match="candidates"):
         script.weighted_loss(m, hidden, ids, w, "row")
+    # "gap": row 0 restricted to its own ids, row 1 keeps the full softmax
+    m.zero_grad()
+    gap_loss, _ = script.weighted_loss(m, hidden, ids, w, "gap", rows=torch.tensor([True, False]))
+    p0 = torch.zeros(V, dtype=torch.bool)
+    p0[ids[0]] = True
+    l0 = m.lm_head(hidden[0, :-1])
+    ce0 = F.cross_entropy(l0[:, p0], torch.cumsum(p0.long(), 0)[ids[0, 1:]] - 1, reduction="none")
+    ce1 = F.cross_entropy(m.lm_head(hidden[1, :-1]), ids[1, 1:], reduction="none")
+    want = ((ce0 * w[0, 1:]).sum() + (ce1 * w[1, 1:]).sum()) / w[:, 1:].sum()
+    torch.testing.assert_close(gap_loss, want)
+    none_flagged, _ = script.weighted_loss(m, hidden, ids, w, "gap", rows=torch.tensor([False, False]))
+    torch.testing.assert_close(none_flagged, all_loss)
 
 
 def test_frequent_token_alphabet_of_gap_rows(script):
@@ -140,6 +152,11 @@ def test_frequent_token_alphabet_of_gap_rows(script):
     ids, w = src.batch(7, 64, 3)
     assert set(ids[:, 1:].reshape(-1).tolist()) <= set(alpha) and (ids[:, 0] == tok.bos_id).all()
     assert (w > 0).any(1).all()  # every row supervises its copy
+    assert src.last_gap_rows.all()
+    mixed = script.DataSource(tok, 0.5, 20.0, gap_frac=0.5, gap_alphabet=64)
+    ids, w = mixed.batch(3, 64, 8)
+    for b in range(8):  # flagged rows are exactly the gap rows (tokens from the alphabet only)
+        assert bool(mixed.last_gap_rows[b]) == (set(ids[b, 1:].tolist()) <= set(alpha)), b
 
 
 def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it(script, tmp_path):
@@ -171,3 +188,14 @@ def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it
     assert (tmp_path / "s" / "ckpt.pt").is_file() and (tmp_path / "s" / "export_L32" / "model.safetensors").is_file()
     again = script.run_stage(args, model, tok, tok_dir, tmp_path / "s", 0, stage, stage["phases"], None)
     assert again["stopped_at"] == 3 and again["steps"] == 3
+
+
+def test_copy_eval_of_the_shipped_model(script):
+    import argparse
+
+    a = argparse.Namespace(threads=1, model_dir=None, out=str(ROOT / "parca" / "assets" / "default"), seed=0,
+                           answer_weight=20.0)
+    table = script.copy_eval(a)
+    assert len(table) == 11 and all(math.isfinite(v) and v > 0 for v in table.values())
+    # what the card states: the shipped model does not copy random tokens (uniform over 8,192 would be 9.01)
+    assert table["gap L=512, whole vocabulary"] > 5.0
