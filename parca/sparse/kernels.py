@@ -68,6 +68,13 @@ _SOURCE = r"""
 #include <algorithm>
 #include <vector>
 #include <omp.h>
+#include <atomic>
+#include <sched.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define DSA_VNNI 1
 #include <immintrin.h>
@@ -75,7 +82,7 @@ _SOURCE = r"""
 
 #define DSA_API extern "C"
 
-DSA_API int dsa_abi_version(void) { return 4; }
+DSA_API int dsa_abi_version(void) { return 5; }
 DSA_API int dsa_simd(void) {
 #ifdef DSA_VNNI
     return 1;
@@ -165,28 +172,19 @@ static inline void i8_block_h4d64(const __m512i* tile, const int32_t* qv, const 
 }
 #endif
 
-DSA_API void dsa_index_scores_i8(const int8_t* q8, const float* qw, const int8_t* k8, int64_t k_stride, const float* ks,
-                         float* out, int64_t out_stride, int64_t T, int64_t H, int64_t D, int64_t S,
-                         const int64_t* s_end, int nthreads) {
-    const int64_t SB = 256;  // keys per work item: 16 KiB of int8 keys at D = 64, stays in L1/L2
-    int64_t nsb = (S + SB - 1) / SB;
-    // small jobs (a decode step over a few thousand keys: ~20 us) run on the calling thread: waking a second
-    // thread costs more than it saves, most of all on a loaded machine
-    nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nsb * T * H / 128));
+#define DSA_SB 256  // keys per scoring work item: 16 KiB of int8 keys at D = 64, stays in L1/L2
+
+// Scores of the key blocks [b0, b1) (DSA_SB keys each). VNNI when the shape allows (D % 64 == 0, D <= 512;
+// qsum[t * H + h] = 128 * sum(q8[t, h, :]), keys enter VNNI as u8 = k + 128), else the scalar loop.
+static void scores_blocks(const int8_t* q8, const float* qw, const int32_t* qsum, const int8_t* k8, int64_t k_stride,
+                          const float* ks, float* out, int64_t out_stride, int64_t T, int64_t H, int64_t D, int64_t S,
+                          const int64_t* s_end, int64_t b0, int64_t b1) {
 #ifdef DSA_VNNI
     if (D % 64 == 0 && D <= 512) {
         const int64_t ND = D / 4;  // dwords per key
-        // per (t, h): the int8 query as dwords, and 128 * sum(q) (keys enter VNNI as u8 = k + 128)
-        std::vector<int32_t> qsum(T * H);
-        for (int64_t i = 0; i < T * H; ++i) {
-            int32_t acc = 0;
-            for (int64_t d = 0; d < D; ++d) acc += q8[i * D + d];
-            qsum[i] = 128 * acc;
-        }
         const int32_t* qd = (const int32_t*)q8;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t b = 0; b < nsb; ++b) {
-            int64_t s0 = b * SB, s1 = std::min(S, s0 + SB);
+        for (int64_t b = b0; b < b1; ++b) {
+            int64_t s0 = b * DSA_SB, s1 = std::min(S, s0 + DSA_SB);
             alignas(64) __m512i tile[128];  // one 16-key block, transposed: ND dwords x 16 keys
             alignas(64) int8_t pad[16 * 512];
             const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -218,7 +216,7 @@ DSA_API void dsa_index_scores_i8(const int8_t* q8, const float* qw, const int8_t
                 for (int64_t t = 0; t < T; ++t) {
                     if (s_end && s_end[t] <= sa) continue;
                     if (H == 4 && ND == 16) {  // the reference shape: 4 heads x 4 chains in flight
-                        i8_block_h4d64(tile, qd + t * 4 * 16, qsum.data() + t * 4, qw + t * 4, sc,
+                        i8_block_h4d64(tile, qd + t * 4 * 16, qsum + t * 4, qw + t * 4, sc,
                                        out + t * out_stride + sa, m);
                         continue;
                     }
@@ -241,11 +239,32 @@ DSA_API void dsa_index_scores_i8(const int8_t* q8, const float* qw, const int8_t
         return;
     }
 #endif
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t b = 0; b < nsb; ++b) {
-        int64_t s0 = b * SB, s1 = std::min(S, s0 + SB);
-        scores_scalar_block(q8, qw, k8, k_stride, ks, out, out_stride, T, H, D, s0, s1, s_end);
+    for (int64_t b = b0; b < b1; ++b)
+        scores_scalar_block(q8, qw, k8, k_stride, ks, out, out_stride, T, H, D, b * DSA_SB,
+                            std::min(S, (b + 1) * DSA_SB), s_end);
+}
+
+static std::vector<int32_t> query_sums(const int8_t* q8, int64_t n, int64_t D) {
+    std::vector<int32_t> qsum(n);
+    for (int64_t i = 0; i < n; ++i) {
+        int32_t acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += q8[i * D + d];
+        qsum[i] = 128 * acc;
     }
+    return qsum;
+}
+
+DSA_API void dsa_index_scores_i8(const int8_t* q8, const float* qw, const int8_t* k8, int64_t k_stride, const float* ks,
+                         float* out, int64_t out_stride, int64_t T, int64_t H, int64_t D, int64_t S,
+                         const int64_t* s_end, int nthreads) {
+    int64_t nsb = (S + DSA_SB - 1) / DSA_SB;
+    // small jobs (a decode step over a few thousand keys: ~20 us) run on the calling thread: waking a second
+    // thread costs more than it saves, most of all on a loaded machine
+    nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nsb * T * H / 128));
+    std::vector<int32_t> qsum = query_sums(q8, T * H, D);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t b = 0; b < nsb; ++b)
+        scores_blocks(q8, qw, qsum.data(), k8, k_stride, ks, out, out_stride, T, H, D, S, s_end, b, b + 1);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -761,6 +780,42 @@ static attend_fn pick_fast(int64_t G, int64_t D, int64_t Dv) {
 }
 #endif
 
+// Merge the ns splits of each (t, j) by log-sum-exp and write the normalised output.
+static void attend_merge(int64_t T, int64_t Hkv, int64_t G, int64_t Dv, int64_t ns, const float* pacc, const float* pm,
+                         const float* pl, void* out, int64_t o_st, int64_t o_sh, int dout) {
+    for (int64_t tj = 0; tj < T * Hkv; ++tj) {
+        int64_t t = tj / Hkv, j = tj % Hkv;
+        for (int64_t g = 0; g < G; ++g) {
+            float mx = -INFINITY;
+            for (int64_t c = 0; c < ns; ++c) mx = std::max(mx, pm[(tj * ns + c) * G + g]);
+            float den = 0.0f;
+            float o[1024];
+            for (int64_t e = 0; e < Dv; ++e) o[e] = 0.0f;
+            if (mx != -INFINITY) {
+                for (int64_t c = 0; c < ns; ++c) {
+                    int64_t it = tj * ns + c;
+                    float mc = pm[it * G + g];
+                    if (mc == -INFINITY) continue;
+                    float w = expf(mc - mx);
+                    den += pl[it * G + g] * w;
+                    const float* ac = pacc + (it * G + g) * Dv;
+                    for (int64_t e = 0; e < Dv; ++e) o[e] += ac[e] * w;
+                }
+            }
+            float inv = den > 0.0f ? 1.0f / den : 0.0f;
+            int64_t h = j * G + g;
+            int64_t ob = t * o_st + h * o_sh;
+            for (int64_t e = 0; e < Dv; ++e) {
+                float x = o[e] * inv;
+                if (dout == DT_F32)
+                    ((float*)out)[ob + e] = x;
+                else
+                    ((uint16_t*)out)[ob + e] = f32_to_bf16(x);
+            }
+        }
+    }
+}
+
 // returns 0 on success, -1 when the shape is beyond the kernel's fixed buffers (caller falls back)
 DSA_API int dsa_attend(const void* q, int64_t q_st, int64_t q_sh, const void* k, int64_t k_ss, int64_t k_sh,
                const void* v, int64_t v_ss, int64_t v_sh, int dq, int dkv, const int64_t* idx, int64_t idx_st,
@@ -791,38 +846,7 @@ DSA_API int dsa_attend(const void* q, int64_t q_st, int64_t q_sh, const void* k,
         int64_t r0 = std::min(len, c * split), r1 = std::min(len, r0 + split);
         fn(a, t, j, r0, r1, pacc.data() + it * G * Dv, pm.data() + it * G, pl.data() + it * G);
     }
-    // merge the splits of each (t, j) and write out
-    for (int64_t tj = 0; tj < T * Hkv; ++tj) {
-        int64_t t = tj / Hkv, j = tj % Hkv;
-        for (int64_t g = 0; g < G; ++g) {
-            float mx = -INFINITY;
-            for (int64_t c = 0; c < ns; ++c) mx = std::max(mx, pm[(tj * ns + c) * G + g]);
-            float den = 0.0f;
-            float o[1024];
-            for (int64_t e = 0; e < Dv; ++e) o[e] = 0.0f;
-            if (mx != -INFINITY) {
-                for (int64_t c = 0; c < ns; ++c) {
-                    int64_t it = tj * ns + c;
-                    float mc = pm[it * G + g];
-                    if (mc == -INFINITY) continue;
-                    float w = expf(mc - mx);
-                    den += pl[it * G + g] * w;
-                    const float* ac = pacc.data() + (it * G + g) * Dv;
-                    for (int64_t e = 0; e < Dv; ++e) o[e] += ac[e] * w;
-                }
-            }
-            float inv = den > 0.0f ? 1.0f / den : 0.0f;
-            int64_t h = j * G + g;
-            int64_t ob = t * o_st + h * o_sh;
-            for (int64_t e = 0; e < Dv; ++e) {
-                float x = o[e] * inv;
-                if (dout == DT_F32)
-                    ((float*)out)[ob + e] = x;
-                else
-                    ((uint16_t*)out)[ob + e] = f32_to_bf16(x);
-            }
-        }
-    }
+    attend_merge(T, Hkv, G, Dv, ns, pacc.data(), pm.data(), pl.data(), out, o_st, o_sh, dout);
     return 0;
 }
 
@@ -847,17 +871,16 @@ static inline float quantize_row(const float* x, int64_t D, int8_t* q) {
     return scale;
 }
 
-DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
-                           const int8_t* k8, int64_t k_stride, const float* ks, int64_t S, const int64_t* qpos,
-                           int64_t lo, int64_t window, int64_t T, int64_t H, int64_t D, int64_t k, int order,
-                           float* scores, int64_t* idx, int64_t idx_st, int nthreads, const void* rcos,
-                           const void* rsin, int64_t rope_dim) {
-    // rope_dim > 0: the queries arrive BEFORE their RoPE; rotate-half RoPE on their first rope_dim dims with the
-    // (T, rope_dim) tables rcos / rsin (in the queries' dtype), the same ops as parca.sparse.apply_rope_half:
-    // float32 mul / mul / add, or for bf16 each result rounded to bf16 as torch's bf16 ops do (bit-identical)
-    std::vector<int8_t> q8((size_t)T * H * D);
-    std::vector<float> qw((size_t)T * H), xf((size_t)D), xr((size_t)D);
-    std::vector<int64_t> vlo(T), vhi(T);
+// The int8 queries of a selection: optional RoPE, symmetric int8 per (t, h), the scale folded into the head
+// weight (qw = w * scale), and each row's visible key span [vlo, vhi) (causal by qpos, optional window).
+// rope_dim > 0: the queries arrive BEFORE their RoPE; rotate-half RoPE on their first rope_dim dims with the
+// (T, rope_dim) tables rcos / rsin (in the queries' dtype), the same ops as parca.sparse.apply_rope_half:
+// float32 mul / mul / add, or for bf16 each result rounded to bf16 as torch's bf16 ops do (bit-identical)
+static void prepare_queries(const void* q, int dq, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st, int64_t S,
+                            const int64_t* qpos, int64_t lo, int64_t window, int64_t T, int64_t H, int64_t D,
+                            const void* rcos, const void* rsin, int64_t rope_dim, int8_t* q8, float* qw,
+                            int64_t* vlo, int64_t* vhi) {
+    std::vector<float> xf((size_t)D), xr((size_t)D);
     const int64_t half = rope_dim / 2;
     auto rb = [&](float x) { return dq == DT_F32 ? x : bf16_to_f32(f32_to_bf16(x)); };
     for (int64_t t = 0; t < T; ++t) {
@@ -875,16 +898,119 @@ DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, co
                 }
                 for (int64_t d = 0; d < rope_dim; ++d) xf[d] = xr[d];
             }
-            qw[t * H + h] = w[t * w_st + h] * quantize_row(xf.data(), D, q8.data() + (t * H + h) * D);
+            qw[t * H + h] = w[t * w_st + h] * quantize_row(xf.data(), D, q8 + (t * H + h) * D);
         }
         int64_t hi = std::min<int64_t>(S, std::max<int64_t>(0, qpos[t] + 1 - lo));
         int64_t l0 = window > 0 ? std::min<int64_t>(hi, std::max<int64_t>(0, qpos[t] - window + 1 - lo)) : 0;
         vlo[t] = l0;
         vhi[t] = hi;
     }
+}
+
+DSA_API void dsa_select_i8(const void* q, int dq, int64_t q_st, int64_t q_sh, const float* w, int64_t w_st,
+                           const int8_t* k8, int64_t k_stride, const float* ks, int64_t S, const int64_t* qpos,
+                           int64_t lo, int64_t window, int64_t T, int64_t H, int64_t D, int64_t k, int order,
+                           float* scores, int64_t* idx, int64_t idx_st, int nthreads, const void* rcos,
+                           const void* rsin, int64_t rope_dim) {
+    std::vector<int8_t> q8((size_t)T * H * D);
+    std::vector<float> qw((size_t)T * H);
+    std::vector<int64_t> vlo(T), vhi(T);
+    prepare_queries(q, dq, q_st, q_sh, w, w_st, S, qpos, lo, window, T, H, D, rcos, rsin, rope_dim, q8.data(),
+                    qw.data(), vlo.data(), vhi.data());
     dsa_index_scores_i8(q8.data(), qw.data(), k8, k_stride, ks, scores, S, T, H, D, S, vhi.data(), nthreads);
     dsa_topk_rows(scores, S, vlo.data(), vhi.data(), T, k, lo, order, idx, idx_st, nthreads);
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// One decode query's whole DSA step in ONE parallel region: the indexer queries' RoPE and int8 quantisation,
+// the scores of every visible key (key blocks split over the threads), the exact top-k in ascending positions
+// (one thread), then attention over the selected rows (kv head x split items over the threads), merged after
+// the region. The same results as dsa_select_i8 (T = 1, lo = 0, order 1) followed by dsa_attend on its idx
+// with the same split: the same functions on the same data, only the scheduling differs.
+// Why one region: with sleeping (passive) OpenMP workers each parallel region wakes them again, ~0.1 ms on a
+// 2-core VM, against ~1.5 ms for the whole step at 128K keys. Inside the region the threads meet at a spin
+// barrier: the waits are short (the top-k takes ~0.15 ms) and a futex sleep would cost another wake-up. After
+// ~2,000 pauses (~0.1 ms) a waiter sleeps on a futex instead: on a loaded machine the thread it waits for may be
+// descheduled, and spinning then takes its core (a pure spin measured 3x slower than two calls at load 4).
+// ------------------------------------------------------------------------------------------------------------
+struct SpinBarrier {
+    std::atomic<int> count{0}, gen{0}, sleepers{0};
+    void wait(int n) {
+        if (n <= 1) return;
+        int g = gen.load(std::memory_order_seq_cst);
+        if (count.fetch_add(1, std::memory_order_seq_cst) == n - 1) {
+            count.store(0, std::memory_order_relaxed);
+            gen.fetch_add(1, std::memory_order_seq_cst);
+#ifdef __linux__
+            if (sleepers.load(std::memory_order_seq_cst) > 0)
+                syscall(SYS_futex, (int*)&gen, FUTEX_WAKE_PRIVATE, 1 << 30, nullptr, nullptr, 0);
+#endif
+            return;
+        }
+        for (int i = 0; i < 2048 && gen.load(std::memory_order_acquire) == g; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+        if (gen.load(std::memory_order_acquire) != g) return;
+        // still waiting (the thread we wait for may be descheduled on a loaded machine): sleep, as libgomp's
+        // passive barrier would, instead of taking the core from it
+        sleepers.fetch_add(1, std::memory_order_seq_cst);
+        while (gen.load(std::memory_order_seq_cst) == g) {
+#ifdef __linux__
+            syscall(SYS_futex, (int*)&gen, FUTEX_WAIT_PRIVATE, g, nullptr, nullptr, 0);
+#else
+            sched_yield();
+#endif
+        }
+        sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    }
+};
+
+DSA_API int dsa_decode_step(const void* qi, int dqi, int64_t qi_sh, const float* w, const int8_t* k8, int64_t k_stride,
+                            const float* ks, int64_t S, int64_t pos, int64_t window, int64_t HI, int64_t DI,
+                            int64_t topk, float* scores, int64_t* idx, const void* rcos, const void* rsin,
+                            int64_t rope_dim, const void* q, int dq, int64_t q_sh, const void* k, int64_t k_ss,
+                            int64_t k_sh, const void* v, int64_t v_ss, int64_t v_sh, int dkv, int64_t H, int64_t Hkv,
+                            int64_t D, int64_t Dv, float scale, void* out, int64_t o_sh, int64_t split, int nthreads) {
+    const int64_t G = H / Hkv;
+    if (G > DSA_MAXG || D > DSA_MAXD || Dv > 1024 || G * Hkv != H) return -1;
+    std::vector<int8_t> q8((size_t)HI * DI);
+    std::vector<float> qw((size_t)HI);
+    int64_t vlo = 0, vhi = 0;
+    prepare_queries(qi, dqi, 0, qi_sh, w, 0, S, &pos, 0, window, 1, HI, DI, rcos, rsin, rope_dim, q8.data(), qw.data(),
+                    &vlo, &vhi);
+    std::vector<int32_t> qsum = query_sums(q8.data(), HI, DI);
+    const int64_t nsb = (S + DSA_SB - 1) / DSA_SB;
+    AttnArgs a{q, 0, q_sh, k, k_ss, k_sh, v, v_ss, v_sh, dq, dkv, idx, topk, topk, nullptr, 1, H, Hkv, D, Dv, scale};
+    if (split <= 0) split = topk > 0 ? topk : 1;
+    const int64_t ns = std::max<int64_t>(1, (topk + split - 1) / split), items = Hkv * ns;
+    std::vector<float> pacc((size_t)items * G * Dv), pm((size_t)items * G), pl((size_t)items * G);
+    attend_fn fn = attend_part;
+#ifdef DSA_VNNI
+    if (attend_fn f = pick_fast(G, D, Dv)) fn = f;
+#endif
+    int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max<int64_t>(items, 1)));
+    SpinBarrier bar;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        static thread_local TopkScratch ws;  // (thread 0, the caller, runs the top-k: kept across calls)
+        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        scores_blocks(q8.data(), qw.data(), qsum.data(), k8, k_stride, ks, scores, S, 1, HI, DI, S, &vhi,
+                      nsb * tid / n, nsb * (tid + 1) / n);
+        bar.wait(n);
+        if (tid == 0) topk_row(scores, vlo, vhi, topk, 0, 1, idx, ws);
+        bar.wait(n);
+        for (int64_t it = tid; it < items; it += n) {
+            int64_t j = it / ns, c = it % ns;
+            int64_t r0 = std::min(topk, c * split), r1 = std::min(topk, r0 + split);
+            fn(a, 0, j, r0, r1, pacc.data() + it * G * Dv, pm.data() + it * G, pl.data() + it * G);
+        }
+    }
+    attend_merge(1, Hkv, G, Dv, ns, pacc.data(), pm.data(), pl.data(), out, 0, o_sh, dq);
+    return 0;
+}
+
 
 // ------------------------------------------------------------------------------------------------------------
 // Per-row int8 quantisation into a cache (dsa_quantize_rows): quantize_row for each of T rows.
@@ -1172,6 +1298,10 @@ def _build() -> ctypes.CDLL:
     lib.dsa_attend_blocks.restype = i32
     lib.dsa_quantize_rows.argtypes = [vp, i32, i64, i64, i64, vp, i64, vp]
     lib.dsa_quantize_rows.restype = None
+    lib.dsa_decode_step.argtypes = [vp, i32, i64, vp, vp, i64, vp, i64, i64, i64, i64, i64, i64, vp, vp, vp, vp, i64,
+                                    vp, i32, i64, vp, i64, i64, vp, i64, i64, i32, i64, i64, i64, i64, f32, vp, i64,
+                                    i64, i32]
+    lib.dsa_decode_step.restype = i32
     return lib
 
 
@@ -1403,11 +1533,16 @@ def select_i8_batch(q: Tensor, w: Tensor, k8: Tensor, ks: Tensor, q_pos: Tensor,
     return out
 
 
+# decode_sparse runs its step as ONE C call and one parallel region (dsa_decode_step); False: the two calls
+# dsa_select_i8 + dsa_attend (two regions), kept for benchmarks/decode_region.py. Same results either way.
+ONE_REGION_DECODE = True
+
+
 def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, ks: Tensor, pos: int, topk: int,
                   window: int | None, q: Tensor, k: Tensor, v: Tensor, scale: float, split: int) -> tuple[Tensor, Tensor]:
-    """One decode query's whole DSA step in two C calls and no torch op on the way: the indexer queries' RoPE,
-    their int8 quantisation, the scores of every visible key, the exact top-k (ascending positions), then
-    attention over those rows read in place. The caller checks ``decode_sparse_supported``. Tensors keep their
+    """One decode query's whole DSA step in one C call (one parallel region) and no torch op on the way: the
+    indexer queries' RoPE, their int8 quantisation, the scores of every visible key, the exact top-k (ascending
+    positions), then attention over those rows read in place. The caller checks ``decode_sparse_supported``. Tensors keep their
     leading batch / query dims of 1 (read through their strides: no indexing op per call).
 
     Args:
@@ -1424,12 +1559,22 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
     r = cos.shape[-1]
     idx = torch.empty(1, 1, topk, dtype=torch.int64)
     nt = torch.get_num_threads()
+    hq, dv = q.shape[2], v.shape[3]
+    out = torch.empty(1, 1, hq, dv, dtype=q.dtype)
+    if ONE_REGION_DECODE:
+        rc = lib.dsa_decode_step(qi.data_ptr(), _DT[qi.dtype], qi.stride(2), w.data_ptr(), k8.data_ptr(), k8.stride(1),
+                                 ks.data_ptr(), s_len, pos, window or 0, h, d, topk, _scratch(s_len).data_ptr(),
+                                 idx.data_ptr(), cos.data_ptr() if r else None, sin.data_ptr() if r else None, r,
+                                 q.data_ptr(), _DT[q.dtype], q.stride(2), k.data_ptr(), k.stride(1), k.stride(2),
+                                 v.data_ptr(), v.stride(1), v.stride(2), _DT[k.dtype], hq, k.shape[2], q.shape[3], dv,
+                                 float(scale), out.data_ptr(), dv, split, nt)
+        if rc != 0:
+            raise ValueError("decode_sparse: shape beyond the kernel's limits (check decode_sparse_supported)")
+        return out, idx
     qpos = ctypes.c_int64(pos)  # the query position, passed by address (no tensor built per call)
     lib.dsa_select_i8(qi.data_ptr(), _DT[qi.dtype], 0, qi.stride(2), w.data_ptr(), 0, k8.data_ptr(), k8.stride(1),
                       ks.data_ptr(), s_len, ctypes.addressof(qpos), 0, window or 0, 1, h, d, topk, 1,
                       _scratch(s_len).data_ptr(), idx.data_ptr(), topk, nt, cos.data_ptr() if r else None, sin.data_ptr() if r else None, r)
-    hq, dv = q.shape[2], v.shape[3]
-    out = torch.empty(1, 1, hq, dv, dtype=q.dtype)
     rc = lib.dsa_attend(q.data_ptr(), 0, q.stride(2), k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1),
                         v.stride(2), _DT[q.dtype], _DT[k.dtype], idx.data_ptr(), topk, topk, None, 1, hq, k.shape[2],
                         q.shape[3], dv, float(scale), out.data_ptr(), 0, dv, _DT[q.dtype], split, nt)
