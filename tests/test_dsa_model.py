@@ -202,3 +202,31 @@ def test_32k_sparse_prefill_memory_bounded(tmp_path):
     assert res["n"] == 2
     # cache ~ 2 layers x 32K x (2x2x16x4 + 16x4) B = 20 MiB; chunks capped at 16 MiB; allow generous slack
     assert grew_mib < 600, f"peak RSS grew by {grew_mib:.0f} MiB during a 32K sparse prefill"
+
+
+def test_cache_huge_pages_are_asked_for_and_change_nothing(monkeypatch):
+    """The KV / indexer-key caches madvise their CPU tensors for transparent huge pages before the first touch
+    (default on, ``PARCA_HUGEPAGES=0`` or ``huge_pages=False`` turns it off); contents start at zero either way."""
+    import sys
+    from pathlib import Path
+
+    from parca import cache as cache_mod
+    from parca.cache import CacheSpec, KVCache
+
+    spec = CacheSpec(n_layers=2, n_kv_heads=2, head_dim=64, v_head_dim=64, index_dim=64, dtype=torch.float32,
+                     index_dtype=torch.int8)
+    asked = []
+    real = cache_mod._madvise_huge
+    monkeypatch.setattr(cache_mod, "_madvise_huge", lambda t: asked.append(t.numel() * t.element_size()) or real(t))
+    on = KVCache(spec, 1, 8192)  # k / v 4 MiB each per layer: asked; the 512 KiB indexer keys and scales: not
+    assert sorted(asked) == [4 << 20] * 4
+    monkeypatch.setenv("PARCA_HUGEPAGES", "0")
+    off = KVCache(spec, 1, 8192)
+    assert len(asked) == 4
+    monkeypatch.delenv("PARCA_HUGEPAGES")
+    for a, b in zip(on.k + on.v + on.ik + on.iks, off.k + off.v + off.ik + off.iks):
+        assert a.shape == b.shape and a.dtype == b.dtype and not a.any() and not b.any()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform.startswith("linux") and thp.is_file() and "[never]" not in thp.read_text():
+        assert real(torch.empty(8 << 20, dtype=torch.uint8))  # the kernel accepted the advice
+    assert KVCache(spec, 1, 16, huge_pages=True).k[0].shape == (1, 16, 2, 64)  # small tensors: plain zeros
