@@ -94,10 +94,28 @@ def test_model_decode_fused_equals_unfused(hf_dirs, arch, tmp_path):
         with fused_mod.disabled():
             ref = run()
         got = run()
-    assert m.model.layers[0].self_attn._proj._fused
+    att = m.model.layers[0].self_attn
+    assert att._proj._fused
+    # float32: the indexer's query and head-weight projections joined the q/k/v/indexer-key matmul
+    assert att._proj.linears[-2:] == [att.indexer.wq_b, att.indexer.weights_proj]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     save_model(m, tmp_path / "saved")
     again = load_model(tmp_path / "saved")
     for k, v in again.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_bf16_model_keeps_the_indexer_head_weights_apart(hf_dirs):
+    """In a bf16 model ``weights_proj`` stays float32, so only q/k/v/indexer-key fuse (a mixed list would run
+    unfused) and the indexer's queries and weights take their own matmuls."""
+    m = load_model(hf_dirs["llama"][0])
+    m.add_indexers(SparseConfig(index_n_heads=2, index_head_dim=16, index_topk=6, index_rope_dim=8), seed=0)
+    m.requires_grad_(False)
+    m.to(torch.bfloat16)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = m.make_cache(1, 16)
+        m(ids, cache, ForwardContext(slots=[0], starts=[0], modes=["sparse"], topks=[6]))
+    att = m.model.layers[0].self_attn
+    assert att._proj._fused and att._proj.linears == [att.q_proj, att.k_proj, att.v_proj, att.indexer.wk]
