@@ -1,8 +1,8 @@
 """One decode query's whole DSA step: indexer RoPE -> int8 scores -> exact top-k -> attention over those rows.
 
 The reference is the composition of the public steps (``apply_rope_half``, ``select_topk`` with
-``order="position"``, ``sparse``). On a CPU with the C kernels the same step is two C calls with no torch op in
-between: per layer and token that removes the dozen small torch ops of the indexer queries' RoPE and the
+``order="position"``, ``sparse``). On a CPU with the C kernels the same step is one C call (one parallel region)
+with no torch op in it: per layer and token that removes the dozen small torch ops of the indexer queries' RoPE and the
 selection / attention wrappers, which on a 2-core machine cost about as much as the kernels' own work at 32K keys.
 The selection is bit-identical to the reference (same RoPE ops in float32, same quantisation, same tie-break).
 """
