@@ -114,6 +114,18 @@ STAGES += [
     {"name": "stage4", "phases": "512:150,1024:80,2048:40,4096:20,8192:10", "lr": 1e-3, "warmup": 10,
      "prose_frac": 0.10, "copy_frac": 0.15, "gap_frac": 0.15, "kv_frac": 0.20, "init_from": "stage3"},
 ]
+# Session 5: retrieval stages that branch off stage3c (the widest copy circuit) and keep practising it: gap rows
+# stay under the softmax over their own ids ("candidates": "gap"), the retrieval rows (kv + TASK_MIX) and prose
+# take the full softmax, at half stage4's LR. stage5 keeps whole-vocabulary gap rows, stage5b the 1,024 most
+# frequent tokens (numbers and template words among them).
+STAGES += [
+    {"name": "stage5", "phases": "1024:60,2048:60,4096:50,8192:30", "lr": 5e-4, "warmup": 20, "decay": "wsd",
+     "tokens_per_step": 8192, "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.30, "gap_alphabet": 0,
+     "kv_frac": 0.25, "candidates": "gap", "init_from": "stage3c"},
+    {"name": "stage5b", "phases": "1024:60,2048:60,4096:50,8192:30", "lr": 5e-4, "warmup": 20, "decay": "wsd",
+     "tokens_per_step": 8192, "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.30, "gap_alphabet": 1024,
+     "kv_frac": 0.25, "candidates": "gap", "init_from": "stage3c"},
+]
 DEFAULT_PHASES = STAGES[1]["phases"]  # what --probe measures
 SHIPPED_STAGES = "stage1,stage2"  # what made parca/assets/default; stages 3+ are the session-4 copy-first path
 
