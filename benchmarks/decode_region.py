@@ -29,11 +29,30 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode import attention_fns, fill_cache, interleaved, load_avg, reference_model  # noqa: E402
+from decode import attention_fns, fill_cache, load_avg, reference_model  # noqa: E402
 
 from parca import sparse as dsa  # noqa: E402
 from parca.bench.common import machine_info  # noqa: E402
 from parca.cost import parse_positions  # noqa: E402
+
+
+def flushed(fns: dict, reps: int, flush_mib: int = 256) -> dict[str, float]:
+    """Median wall seconds of each fn, run in turn every repetition, each after an untimed read of ``flush_mib``
+    MiB (far more than the L3): no variant inherits the rows or indexer keys the previous one left in cache.
+    (Without it, the variant timed right after another sparse variant over the same cache ran ~10% faster.)"""
+    import statistics
+    import time
+
+    buf = torch.ones(flush_mib * 2**20 // 4)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps + 1):  # the first round warms up
+        for k, fn in fns.items():
+            buf.sum()
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def anon_huge_kib() -> int | None:
@@ -82,10 +101,10 @@ def main() -> None:
 
         with torch.inference_mode():
             a4, ah = (attention_fns(model, caches[h], n, args.topk) for h in (False, True))
-            t = interleaved({"dense_4k": a4["dense"], "dense_huge": ah["dense"],
-                             "two_calls_4k": mode(False, a4["sparse"]), "one_region_4k": mode(True, a4["sparse"]),
-                             "two_calls_huge": mode(False, ah["sparse"]), "one_region_huge": mode(True, ah["sparse"])},
-                            args.reps, warmup=2)
+            t = flushed({"dense_4k": a4["dense"], "dense_huge": ah["dense"],
+                         "two_calls_4k": mode(False, a4["sparse"]), "one_region_4k": mode(True, a4["sparse"]),
+                         "two_calls_huge": mode(False, ah["sparse"]), "one_region_huge": mode(True, ah["sparse"])},
+                        args.reps)
         row = {"context": n, "anon_huge_pages_kib": huge_kib}
         row.update({f"{k}_ms": 1e3 * v for k, v in t.items()})
         row.update({"speedup": t["two_calls_4k"] / t["one_region_huge"],

@@ -38,6 +38,32 @@ def test_fused_equals_members_and_shares_storage():
     assert f.weight.numel() == sum(lin.weight.numel() for lin in lins)
 
 
+@pytest.mark.parametrize("first", ["outer", "inner"])
+def test_fusions_sharing_members_settle_without_copies(first):
+    """Two fusions over shared members (the model's q/k/v/indexer matmul and the indexer's own query + weight
+    matmul) must not take the storage from each other on every call: once the members lie back to back in one
+    storage, the inner fusion is a view of it, and later calls move nothing."""
+    lins = _linears(bias=(False, False, False, False), outs=(5, 3, 7, 2))
+    outer, inner = FusedLinear(lins), FusedLinear(lins[2:])
+    x = torch.randn(2, 8)
+    order = [outer, inner] if first == "outer" else [inner, outer]
+    with torch.no_grad():
+        for f in order * 2:  # settle
+            f(x)
+        ptrs = [lin.weight.data_ptr() for lin in lins]
+        storages = (outer.weight.untyped_storage().data_ptr(), inner.weight.untyped_storage().data_ptr())
+        for _ in range(3):
+            for f in order:
+                out = f(x)
+        assert [lin.weight.data_ptr() for lin in lins] == ptrs
+        assert storages[0] == storages[1]  # the inner fusion views the outer one's storage
+        assert (outer.weight.untyped_storage().data_ptr(), inner.weight.untyped_storage().data_ptr()) == storages
+        for o, lin in zip(inner(x), lins[2:]):
+            torch.testing.assert_close(o, lin(x))
+        torch.testing.assert_close(outer.full(x), torch.cat([lin(x) for lin in lins], -1))
+        assert out is not None
+
+
 def test_in_place_updates_are_seen_and_replaced_weights_refuse():
     lins = _linears(bias=(False, False, False))
     f = FusedLinear(lins)

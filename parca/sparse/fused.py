@@ -77,9 +77,32 @@ class FusedLinear:
                 i += 2
         return True
 
+    @staticmethod
+    def _adjacent(ts: list[Tensor]) -> Tensor | None:
+        """One (sum of rows, in) view over ``ts`` when they already lie back to back, row-major, in ONE storage (a
+        fusion that contains them, e.g. the model's q/k/v/indexer matmul holding the indexer's query and weight
+        rows); else None. Fusing such members again needs no copy, and must not move them: two fusions that
+        share members would otherwise take the storage from each other on every call."""
+        t0 = ts[0]
+        if t0.dim() != 2:
+            return None
+        cols, off, rows = t0.shape[1], t0.storage_offset(), 0
+        ptr = t0.untyped_storage().data_ptr()
+        for t in ts:
+            if (t.dim() != 2 or t.shape[1] != cols or t.stride() != (cols, 1) or t.dtype != t0.dtype
+                    or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != off + rows * cols):
+                return None
+            rows += t.shape[0]
+        return t0.as_strided((rows, cols), (cols, 1), off)
+
     def _fuse(self) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            w = torch.cat([lin.weight.detach() for lin in self.linears])
+            ws = [lin.weight.detach() for lin in self.linears]
+            bs = [lin.bias for lin in self.linears]
+            if all(b is None for b in bs) and (w := self._adjacent(ws)) is not None:
+                self.weight, self.bias = w, None  # already fused elsewhere: share that storage, move nothing
+                return
+            w = torch.cat(ws)
             for lin, part in zip(self.linears, w.split(self.sizes)):
                 lin.weight.data = part
             b = None
