@@ -108,7 +108,7 @@ STAGES += [
     {"name": "stage3b", "phases": "128:100,256:100,512:100", "lr": 1e-3, "warmup": 20, "decay": "wsd",
      "tokens_per_step": 8192, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 1024,
      "candidates": "batch"},
-    {"name": "stage3c", "phases": "512:250,2048:50", "lr": 1e-3, "warmup": 20, "decay": "wsd",
+    {"name": "stage3c", "phases": "512:250,2048:650", "max_steps": 530, "lr": 1e-3, "warmup": 20, "decay": "wsd",
      "tokens_per_step": 8192, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 0,
      "candidates": "batch"},
     {"name": "stage4", "phases": "512:150,1024:80,2048:40,4096:20,8192:10", "lr": 1e-3, "warmup": 10,
@@ -125,6 +125,11 @@ STAGES += [
     {"name": "stage5b", "phases": "1024:60,2048:60,4096:50,8192:30", "lr": 5e-4, "warmup": 20, "decay": "wsd",
      "tokens_per_step": 8192, "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.30, "gap_alphabet": 1024,
      "kv_frac": 0.25, "candidates": "gap", "init_from": "stage3c"},
+    # stage5b at 2,048 tokens already answered some passkeys exactly (and others without their first token):
+    # stage6 continues it at the lengths the targets ask for, at a lower LR
+    {"name": "stage6", "phases": "4096:60,8192:60", "lr": 3e-4, "warmup": 5, "decay": "wsd", "tokens_per_step": 8192,
+     "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.25, "gap_alphabet": 1024, "kv_frac": 0.30,
+     "candidates": "gap", "init_from": "stage5b"},
 ]
 DEFAULT_PHASES = STAGES[1]["phases"]  # what --probe measures
 SHIPPED_STAGES = "stage1,stage2"  # what made parca/assets/default; stages 3+ are the session-4 copy-first path
@@ -593,7 +598,7 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
                       kv_frac=stage.get("kv_frac", 0.0), gap_frac=stage.get("gap_frac", 0.0),
                       gap_alphabet=stage.get("gap_alphabet", 0))
     candidates = stage.get("candidates", "all")
-    stop_below, min_steps = stage.get("stop_below"), stage.get("min_steps", 0)
+    stop_below, min_steps, max_steps = stage.get("stop_below"), stage.get("min_steps", 0), stage.get("max_steps")
     tokens_per_step = args.tokens_per_step or stage.get("tokens_per_step", 4096)
     phases = parse_phases(phases_text)
     total = sum(s for _, s in phases)
@@ -622,8 +627,10 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
         f"(alphabet {stage.get('gap_alphabet') or 'all'}), kv {stage.get('kv_frac', 0.0)}, softmax over "
         f"{candidates} classes, {tokens_per_step} tokens/step"
         + (f", stops when the full-softmax loss < {stop_below}" if stop_below is not None else ""))
+    if stopped_at is None and max_steps is not None and step >= max_steps:
+        stopped_at = step  # a checkpoint written at max_steps by a run that did not know the limit
     if stopped_at is not None:
-        log(f"{stage['name']}: finished early at step {stopped_at} (full-softmax loss < {stop_below}); skipping")
+        log(f"{stage['name']}: finished early at step {stopped_at}; skipping")
     model.train()
     bar = tqdm(total=total, initial=step, file=sys.stdout, mininterval=5, dynamic_ncols=False, ncols=120)
     t_train = time.time()
@@ -663,6 +670,10 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
                 stopped_at = step
                 bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']}: full-softmax loss {ema_full:.3f} < "
                           f"{stop_below} at step {step} ({tokens_seen:,} tokens): stage done")
+            elif max_steps is not None and step >= max_steps:
+                stopped_at = step
+                bar.write(f"[{time.strftime('%H:%M:%S')}] {stage['name']}: stops at step {step} of {total} "
+                          f"(\"max_steps\": the LR schedule is that of the whole plan)")
             if step % args.save_every == 0 or step == boundary or stopped_at is not None:
                 meta = {"tokens_seen": tokens_seen, "train_s": elapsed_before + time.time() - t_train,
                         "phases": phases_text, "stopped_at": stopped_at}

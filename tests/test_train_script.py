@@ -190,6 +190,41 @@ def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it
     assert again["stopped_at"] == 3 and again["steps"] == 3
 
 
+def test_stage_max_steps_stops_inside_a_longer_plan(script, tmp_path):
+    """``max_steps`` ends a stage part-way through its phases with the LR of the whole plan (how stage3c ran: 530
+    updates of a 900-update schedule); a checkpoint at the limit resumes as finished."""
+    import argparse
+
+    import torch
+
+    from parca.config import ModelConfig
+    from parca.models.llama import LlamaForCausalLM
+    from parca.tokenizer import Tokenizer
+
+    tok_dir = ROOT / "parca" / "assets" / "default"
+    tok = Tokenizer(tok_dir)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=tok.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      head_dim=16, max_position_embeddings=256, torch_dtype="float32", bos_token_id=tok.bos_id,
+                      eos_token_id=[tok.eos_id])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg, dtype=torch.float32)
+    args = argparse.Namespace(device="cpu", seed=1, answer_weight=20.0, tokens_per_step=0, wd=0.0, fresh=False,
+                              save_every=100, log_every=1)
+    stage = {"name": "s", "phases": "32:3,64:10", "max_steps": 5, "lr": 1e-3, "warmup": 1, "decay": "wsd",
+             "tokens_per_step": 64, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 32,
+             "candidates": "batch"}
+    st = script.run_stage(args, model, tok, tok_dir, tmp_path / "s", 0, stage, stage["phases"], None)
+    assert st["stopped_at"] == 5 and st["steps"] == 5 and st["tokens_seen"] == 5 * 64
+    assert (tmp_path / "s" / "export_L64" / "model.safetensors").is_file()
+    ck = torch.load(tmp_path / "s" / "ckpt.pt", weights_only=True)
+    ck["meta"]["stopped_at"] = None  # as written by a run of the same plan that knew no limit
+    torch.save(ck, tmp_path / "s" / "ckpt.pt")
+    again = script.run_stage(args, model, tok, tok_dir, tmp_path / "s", 0, stage, stage["phases"], None)
+    assert again["stopped_at"] == 5 and again["steps"] == 5
+    assert script.lr_at(4, 13, 1e-3, 1, "wsd") == 1e-3  # step 5 of 13 is still on the flat part
+
+
 def test_copy_eval_of_the_shipped_model(script):
     import argparse
 
