@@ -130,6 +130,12 @@ STAGES += [
     {"name": "stage6", "phases": "4096:60,8192:60", "lr": 3e-4, "warmup": 5, "decay": "wsd", "tokens_per_step": 8192,
      "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.25, "gap_alphabet": 1024, "kv_frac": 0.30,
      "candidates": "gap", "init_from": "stage5b"},
+    # stage6 finds the needle at 1K-8K alike, but answers that start with a rarer number token (" 25", " 46": not
+    # among the 1,024 frequent ones) lose that token (" 25238" -> "238."): stage7 adds every number token to the
+    # gap rows' alphabet
+    {"name": "stage7", "phases": "4096:50,8192:40", "lr": 3e-4, "warmup": 5, "decay": "wsd", "tokens_per_step": 8192,
+     "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.30, "gap_alphabet": 1024, "gap_numbers": True,
+     "kv_frac": 0.30, "candidates": "gap", "init_from": "stage6"},
 ]
 DEFAULT_PHASES = STAGES[1]["phases"]  # what --probe measures
 SHIPPED_STAGES = "stage1,stage2"  # what made parca/assets/default; stages 3+ are the session-4 copy-first path
@@ -196,6 +202,14 @@ def answer_text(task: str, answers: list[str]) -> str:
     return ", ".join(answers[:-1]) + " and " + answers[-1] + "."
 
 
+def number_tokens(tok) -> list[int]:
+    """Every token id that decodes to digits alone, with or without a leading space (" 25", "238"): what passkeys
+    and needles carry. 872 of the shipped tokenizer's 8,192; only 124 of them are among its 1,024 most frequent."""
+    import re
+
+    return [i for i in range(tok.vocab_size) if re.fullmatch(r" ?[0-9]+", tok.decode([i]))]
+
+
 def frequent_tokens(tok, n: int) -> list[int]:
     """The ``n`` most frequent ordinary (non-special) token ids of the training text: the shipped prose plus 300
     rendered task samples (``tokenizer_corpus``). Deterministic (ties keep first-occurrence order)."""
@@ -211,7 +225,8 @@ class DataSource:
 
     def __init__(self, tok, prose_frac: float, answer_weight: float, prompt_keep: float = 0.15,
                  copy_frac: float = 0.0, repeat_frac: float = 0.0, repeat_alphabet: int = 0,
-                 kv_frac: float = 0.0, gap_frac: float = 0.0, gap_alphabet: int = 0) -> None:
+                 kv_frac: float = 0.0, gap_frac: float = 0.0, gap_alphabet: int = 0,
+                 gap_numbers: bool = False) -> None:
         self.copy_frac = copy_frac
         self.gap_frac = gap_frac
         self.repeat_frac = repeat_frac
@@ -225,6 +240,9 @@ class DataSource:
         self.prose = torch.tensor(tok.encode(prose_text()), dtype=torch.long)
         # gap rows draw from the gap_alphabet most frequent tokens of the training text (0: every ordinary token)
         self.gap_alphabet = frequent_tokens(tok, gap_alphabet) if gap_alphabet > 0 else None
+        if gap_numbers and self.gap_alphabet is not None:  # + every number token (the values needles carry)
+            have = set(self.gap_alphabet)
+            self.gap_alphabet += [t for t in number_tokens(tok) if t not in have]
         self.prose_frac = prose_frac
         self.answer_weight = answer_weight
         self.prompt_keep = prompt_keep
@@ -596,7 +614,7 @@ def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict,
     data = DataSource(tok, stage["prose_frac"], args.answer_weight, copy_frac=stage["copy_frac"],
                       repeat_frac=stage.get("repeat_frac", 0.0), repeat_alphabet=stage.get("repeat_alphabet", 0),
                       kv_frac=stage.get("kv_frac", 0.0), gap_frac=stage.get("gap_frac", 0.0),
-                      gap_alphabet=stage.get("gap_alphabet", 0))
+                      gap_alphabet=stage.get("gap_alphabet", 0), gap_numbers=stage.get("gap_numbers", False))
     candidates = stage.get("candidates", "all")
     stop_below, min_steps, max_steps = stage.get("stop_below"), stage.get("min_steps", 0), stage.get("max_steps")
     tokens_per_step = args.tokens_per_step or stage.get("tokens_per_step", 4096)

@@ -157,6 +157,11 @@ def test_frequent_token_alphabet_of_gap_rows(script):
     ids, w = mixed.batch(3, 64, 8)
     for b in range(8):  # flagged rows are exactly the gap rows (tokens from the alphabet only)
         assert bool(mixed.last_gap_rows[b]) == (set(ids[b, 1:].tolist()) <= set(alpha)), b
+    nums = script.number_tokens(tok)
+    assert tok.encode(" 25238")[:2] == [t for t in tok.encode(" 25238") if t in nums][:2]
+    assert all(tok.decode([t]).strip().isdigit() for t in nums) and len(nums) == len(set(nums))
+    both = script.DataSource(tok, 0.0, 20.0, gap_frac=1.0, gap_alphabet=64, gap_numbers=True)
+    assert both.gap_alphabet[:64] == alpha and set(both.gap_alphabet) == set(alpha) | set(nums)
 
 
 def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it(script, tmp_path):
