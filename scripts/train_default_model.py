@@ -815,7 +815,7 @@ def induction_probe(args) -> dict:
 
 def copy_eval(args) -> dict:
     """Held-out copy loss (nats, full softmax) of ``--model-dir``: gap rows over the 256 and 1,024 most frequent
-    tokens and over the whole vocabulary at 128 / 512 / 2,048 tokens, and prose copies (``copy_row``) at 256 /
+    tokens, the whole vocabulary and the 872 number tokens at 128 / 512 / 2,048 tokens, and prose copies at 256 /
     1,024. An induction circuit that generalises drives every entry towards 0; ln(alphabet) is a uniform guess."""
     from parca.checkpoint import load_model
     from parca.tokenizer import Tokenizer
@@ -826,9 +826,12 @@ def copy_eval(args) -> dict:
     model = load_model(model_dir, dtype="float32").eval()
     held = random.Random(args.seed + 5)
     table = {}
+    numbers = DataSource(tok, 0.0, args.answer_weight)
+    numbers.gap_alphabet = number_tokens(tok)  # the values passkeys and needles carry
     for name, src in (("frequent 256", DataSource(tok, 0.0, args.answer_weight, gap_alphabet=256)),
                       ("frequent 1024", DataSource(tok, 0.0, args.answer_weight, gap_alphabet=1024)),
-                      ("whole vocabulary", DataSource(tok, 0.0, args.answer_weight))):
+                      ("whole vocabulary", DataSource(tok, 0.0, args.answer_weight)),
+                      ("number tokens", numbers)):
         for n in (128, 512, 2048):
             table[f"gap L={n}, {name}"] = round(copy_ce(model, [src.gap_row(held, n) for _ in range(4)]), 3)
             log(f"held-out copy loss, gap L={n}, {name}: {table[f'gap L={n}, {name}']:.3f} nats")

@@ -236,6 +236,6 @@ def test_copy_eval_of_the_shipped_model(script):
     a = argparse.Namespace(threads=1, model_dir=None, out=str(ROOT / "parca" / "assets" / "default"), seed=0,
                            answer_weight=20.0)
     table = script.copy_eval(a)
-    assert len(table) == 11 and all(math.isfinite(v) and v > 0 for v in table.values())
+    assert len(table) == 14 and all(math.isfinite(v) and v > 0 for v in table.values())
     # what the card states: the shipped model does not copy random tokens (uniform over 8,192 would be 9.01)
     assert table["gap L=512, whole vocabulary"] > 5.0
