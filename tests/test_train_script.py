@@ -164,9 +164,8 @@ def test_frequent_token_alphabet_of_gap_rows(script):
     assert both.gap_alphabet[:64] == alpha and set(both.gap_alphabet) == set(alpha) | set(nums)
 
 
-def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it(script, tmp_path):
-    """A stage with ``stop_below`` ends (checkpoint + export) at the first step >= min_steps whose full-softmax
-    EMA is below the threshold; rerunning it resumes as finished instead of training on."""
+def _tiny_stage_setup():
+    """(tokenizer, its dir, a 1-layer model over the shipped vocabulary, run_stage's args) for stage tests."""
     import argparse
 
     import torch
@@ -185,6 +184,13 @@ def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it
     model = LlamaForCausalLM(cfg, dtype=torch.float32)
     args = argparse.Namespace(device="cpu", seed=1, answer_weight=20.0, tokens_per_step=0, wd=0.0, fresh=False,
                               save_every=100, log_every=1)
+    return tok, tok_dir, model, args
+
+
+def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it(script, tmp_path):
+    """A stage with ``stop_below`` ends (checkpoint + export) at the first step >= min_steps whose full-softmax
+    EMA is below the threshold; rerunning it resumes as finished instead of training on."""
+    tok, tok_dir, model, args = _tiny_stage_setup()
     stage = {"name": "s", "phases": "32:50", "lr": 1e-3, "warmup": 1, "tokens_per_step": 64, "prose_frac": 0.0,
              "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 32, "candidates": "batch", "stop_below": 100.0,
              "min_steps": 3}
@@ -198,24 +204,9 @@ def test_stage_stops_early_once_the_full_softmax_loss_is_low_and_resume_skips_it
 def test_stage_max_steps_stops_inside_a_longer_plan(script, tmp_path):
     """``max_steps`` ends a stage part-way through its phases with the LR of the whole plan (how stage3c ran: 530
     updates of a 900-update schedule); a checkpoint at the limit resumes as finished."""
-    import argparse
-
     import torch
 
-    from parca.config import ModelConfig
-    from parca.models.llama import LlamaForCausalLM
-    from parca.tokenizer import Tokenizer
-
-    tok_dir = ROOT / "parca" / "assets" / "default"
-    tok = Tokenizer(tok_dir)
-    cfg = ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=tok.vocab_size, hidden_size=32,
-                      intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                      head_dim=16, max_position_embeddings=256, torch_dtype="float32", bos_token_id=tok.bos_id,
-                      eos_token_id=[tok.eos_id])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg, dtype=torch.float32)
-    args = argparse.Namespace(device="cpu", seed=1, answer_weight=20.0, tokens_per_step=0, wd=0.0, fresh=False,
-                              save_every=100, log_every=1)
+    tok, tok_dir, model, args = _tiny_stage_setup()
     stage = {"name": "s", "phases": "32:3,64:10", "max_steps": 5, "lr": 1e-3, "warmup": 1, "decay": "wsd",
              "tokens_per_step": 64, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 32,
              "candidates": "batch"}
