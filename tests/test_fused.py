@@ -145,3 +145,27 @@ def test_bf16_model_keeps_the_indexer_head_weights_apart(hf_dirs):
         m(ids, cache, ForwardContext(slots=[0], starts=[0], modes=["sparse"], topks=[6]))
     att = m.model.layers[0].self_attn
     assert att._proj._fused and att._proj.linears == [att.q_proj, att.k_proj, att.v_proj, att.indexer.wk]
+
+
+def test_dense_calls_skip_the_indexer_query_rows_and_share_storage_with_sparse(hf_dirs):
+    """A float32 model with indexers: a dense-only forward fuses q/k/v/indexer-key alone (it does not pay for the
+    indexer's query rows), a sparse one adds them, and both fusions view one storage: alternating moves nothing."""
+    m = load_model(hf_dirs["llama"][0])
+    m.add_indexers(SparseConfig(index_n_heads=2, index_head_dim=16, index_topk=6, index_rope_dim=8), seed=0)
+    m.requires_grad_(False)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    att = m.model.layers[0].self_attn
+
+    def run(mode):
+        with torch.no_grad():
+            m(ids, m.make_cache(1, 16), ForwardContext(slots=[0], starts=[0], modes=[mode], topks=[6]))
+
+    run("dense")
+    assert att._proj.linears == [att.q_proj, att.k_proj, att.v_proj, att.indexer.wk]
+    run("sparse")
+    assert att._proj.linears[-2:] == [att.indexer.wq_b, att.indexer.weights_proj]
+    ptrs = [p.data_ptr() for p in (att.q_proj.weight, att.indexer.wk.weight, att.indexer.wq_b.weight)]
+    for mode in ("dense", "sparse", "dense"):
+        run(mode)
+    assert [p.data_ptr() for p in (att.q_proj.weight, att.indexer.wk.weight, att.indexer.wq_b.weight)] == ptrs
+    assert att._projs[4].weight.untyped_storage().data_ptr() == att._projs[6].weight.untyped_storage().data_ptr()

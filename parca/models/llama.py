@@ -34,19 +34,24 @@ class Attention(nn.Module):
         self.scale = D**-0.5
         self.window = cfg.sliding_window
         self.indexer: dsa.LightningIndexer | None = None
-        self._proj: FusedLinear | None = None
+        self._proj: FusedLinear | None = None  # the fusion used last
+        self._projs: dict[int, FusedLinear] = {}  # by member count: with or without the indexer's queries
 
-    def _projections(self, x: Tensor) -> Tensor:
-        """q, k, v and (with an indexer) the indexer-key projection of ``x`` as one matmul: (B,T,(H+2Hkv)D[+D_I]),
-        followed by the indexer's query and head-weight projections ([+H_I*D_I+H_I], see ``_folds_indexer``)."""
+    def _projections(self, x: Tensor, sparse: bool) -> Tensor:
+        """q, k, v and (with an indexer) the indexer-key projection of ``x`` as one matmul: (B,T,(H+2Hkv)D[+D_I]);
+        when a row will select (``sparse``), followed by the indexer's query and head-weight projections
+        ([+H_I*D_I+H_I], see ``_folds_indexer``): a dense-only call does not pay for them. The two fusions share
+        one weight storage (``FusedLinear`` views members that already lie back to back), nothing is copied."""
         members = [self.q_proj, self.k_proj, self.v_proj]
         if self.indexer is not None:
             members.append(self.indexer.wk)
-            if self._folds_indexer():
+            if sparse and self._folds_indexer():
                 members += [self.indexer.wq_b, self.indexer.weights_proj]
-        if self._proj is None or self._proj.linears != members:  # indexers were added (or removed) since
-            self._proj = FusedLinear(members)
-        return self._proj.full(x)
+        f = self._projs.get(len(members))
+        if f is None or f.linears != members:  # indexers were added (or removed) since
+            f = self._projs[len(members)] = FusedLinear(members)
+        self._proj = f
+        return f.full(x)
 
     def _folds_indexer(self) -> bool:
         """Whether the indexer's query and head-weight projections join the q/k/v matmul. A retrofitted indexer reads
@@ -63,7 +68,7 @@ class Attention(nn.Module):
         """x (B,T,hidden) normed hidden states -> (B,T,hidden)."""
         B, T, _ = x.shape
         H, Hkv, D = self.H, self.Hkv, self.D
-        y = self._projections(x)
+        y = self._projections(x, any(m == "sparse" for m in ctx.modes))
         cos, sin = rope
         if self.q_norm is None:  # one RoPE call for the query and key heads together
             qk = apply_rope(y[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
