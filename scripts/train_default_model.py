@@ -225,6 +225,9 @@ def frequent_tokens(tok, n: int) -> list[int]:
     return [t for t, _ in counts.most_common(n)]
 
 
+_OWN = object()  # gap_row's default alphabet: the source's own
+
+
 class DataSource:
     """Batches of (ids, weights) rows: prose LM windows and retrieval samples that fill the window."""
 
@@ -331,12 +334,16 @@ class DataSource:
         w[-s] = 1.0  # the repeat's first token follows prose: it cannot be known
         return [self.bos] + body, w
 
-    def gap_row(self, rng: random.Random, L: int) -> tuple[list[int], list[float]]:
+    def gap_row(self, rng: random.Random, L: int, alphabet: list[int] | None | object = _OWN
+                ) -> tuple[list[int], list[float]]:
         """Random token ids with one segment (L/8..L/3 tokens) copied after a random gap, the copy supervised
-        after its first token: no fixed offset works, only matching content (an induction head) does."""
+        after its first token: no fixed offset works, only matching content (an induction head) does. The ids come
+        from ``alphabet`` (None: every ordinary token; default: this source's ``gap_alphabet``)."""
+        if alphabet is _OWN:
+            alphabet = self.gap_alphabet
         s = rng.randint(max(2, L // 8), max(3, L // 3))
-        if self.gap_alphabet is not None:
-            toks = [self.gap_alphabet[rng.randrange(len(self.gap_alphabet))] for _ in range(L - 1)]
+        if alphabet is not None:
+            toks = [alphabet[rng.randrange(len(alphabet))] for _ in range(L - 1)]
         else:
             toks = [rng.randrange(self.repeat_lo, self.repeat_hi) for _ in range(L - 1)]
         p2 = rng.randint(s + 1, L - 1 - s)
@@ -831,16 +838,16 @@ def copy_eval(args) -> dict:
     model = load_model(model_dir, dtype="float32").eval()
     held = random.Random(args.seed + 5)
     table = {}
-    numbers = DataSource(tok, 0.0, args.answer_weight)
-    numbers.gap_alphabet = number_tokens(tok)  # the values passkeys and needles carry
-    for name, src in (("frequent 256", DataSource(tok, 0.0, args.answer_weight, gap_alphabet=256)),
-                      ("frequent 1024", DataSource(tok, 0.0, args.answer_weight, gap_alphabet=1024)),
-                      ("whole vocabulary", DataSource(tok, 0.0, args.answer_weight)),
-                      ("number tokens", numbers)):
+    src = DataSource(tok, 0.0, args.answer_weight)
+    frequent = frequent_tokens(tok, 1024)  # its first 256 are frequent_tokens(tok, 256)
+    for name, alphabet in (("frequent 256", frequent[:256]), ("frequent 1024", frequent),
+                           ("whole vocabulary", None),
+                           ("number tokens", number_tokens(tok))):  # the values passkeys and needles carry
         for n in (128, 512, 2048):
-            table[f"gap L={n}, {name}"] = round(copy_ce(model, [src.gap_row(held, n) for _ in range(4)]), 3)
+            rows = [src.gap_row(held, n, alphabet) for _ in range(4)]
+            table[f"gap L={n}, {name}"] = round(copy_ce(model, rows), 3)
             log(f"held-out copy loss, gap L={n}, {name}: {table[f'gap L={n}, {name}']:.3f} nats")
-    for n in (256, 1024):  # prose copies do not depend on the gap alphabet: any of the sources above
+    for n in (256, 1024):
         table[f"prose copy L={n}"] = round(copy_ce(model, [src.copy_row(held, n) for _ in range(4)]), 3)
         log(f"held-out copy loss, prose copy L={n}: {table[f'prose copy L={n}']:.3f} nats")
     print(json.dumps({"model": str(model_dir), "copy_loss": table}))
@@ -964,7 +971,7 @@ def main(argv=None) -> None:
     p.add_argument("--induction-probe", action="store_true",
                    help="train on copy rows only and report whether a content-matching copy circuit forms")
     p.add_argument("--copy-eval", action="store_true",
-                   help="held-out copy loss of --model-dir on gap rows (3 alphabets x 3 lengths) and prose copies")
+                   help="held-out copy loss of --model-dir on gap rows (4 alphabets x 3 lengths) and prose copies")
     p.add_argument("--copy-heads", action="store_true",
                    help="per head of --model-dir (default: the shipped model): attention to the previous token and "
                         "to the induction target on a repeated prose span")
