@@ -62,7 +62,7 @@ def anon_huge_kib() -> int | None:
             if line.startswith("AnonHugePages:"):
                 return int(line.split()[1])
     except OSError:
-        pass
+        return None
     return None
 
 

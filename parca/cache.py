@@ -41,8 +41,9 @@ def _madvise_huge(t: Tensor) -> bool:
 
     Why: a sparse decode step reads 2,048 rows scattered over the whole cache (128 MB per layer at 128K tokens of
     the reference shape): with 4 KiB pages nearly every row is a TLB miss and a page walk. With 2 MiB pages the
-    gather ran 15-25% faster (``benchmarks/decode_region.py``). On kernels whose THP mode is ``madvise`` (the
-    common default) nothing is huge without this call; with ``always`` it is a no-op; elsewhere it does nothing.
+    sparse attention ran 1.03-1.12x faster (``benchmarks/decode_region.py``). On kernels whose THP mode is
+    ``madvise`` (the common default) nothing is huge without this call; with ``always`` it is a no-op; elsewhere
+    it does nothing.
     """
     global _libc
     if not sys.platform.startswith("linux"):

@@ -990,7 +990,7 @@ DSA_API int dsa_decode_step(const void* qi, int dqi, int64_t qi_sh, const float*
 #ifdef DSA_VNNI
     if (attend_fn f = pick_fast(G, D, Dv)) fn = f;
 #endif
-    int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max<int64_t>(items, 1)));
+    int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, items));  // items >= 1
     SpinBarrier bar;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -1542,8 +1542,8 @@ def decode_sparse(qi: Tensor, cos: Tensor, sin: Tensor, w: Tensor, k8: Tensor, k
                   window: int | None, q: Tensor, k: Tensor, v: Tensor, scale: float, split: int) -> tuple[Tensor, Tensor]:
     """One decode query's whole DSA step in one C call (one parallel region) and no torch op on the way: the
     indexer queries' RoPE, their int8 quantisation, the scores of every visible key, the exact top-k (ascending
-    positions), then attention over those rows read in place. The caller checks ``decode_sparse_supported``. Tensors keep their
-    leading batch / query dims of 1 (read through their strides: no indexing op per call).
+    positions), then attention over those rows read in place. The caller checks ``decode_sparse_supported``.
+    Tensors keep their leading batch / query dims of 1 (read through their strides: no indexing op per call).
 
     Args:
         qi: (1, 1, H_I, D_I) float32 / bf16 indexer queries BEFORE RoPE; cos, sin: (1, 1, r) rotate-half tables
