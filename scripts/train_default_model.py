@@ -6,16 +6,21 @@ parameter names are Hugging Face's); a length curriculum over a mix of prose LM 
 retrieval samples (passkeys, needles, key-value lookups, variable chains, from ``parca.evals`` task generators
 with training seeds >= 10**6, disjoint from evaluation seeds); export to HF format in bf16.
 
-The recipe is ``STAGES`` below: stage 1 (prose LM + retrieval), then stage 2 (adds copy rows), each a length
-curriculum (LEN:STEPS phases; batch = --tokens-per-step // LEN rows). Stage 2 starts from stage 1's weights.
-Those two (the default ``--stages``) made the shipped model. Stages 3+ are the copy-first path of the model card's
-"Session 4" (gap-copy rows under a softmax over the batch's tokens), chosen with ``--stages``.
+The recipe is ``STAGES`` below; the default ``--stages`` (``SHIPPED_STAGES``) made the shipped model: a copy
+(induction) circuit grown first on random-token "gap" rows under a softmax over the batch's own tokens (stage3,
+from scratch, then wider alphabets and longer rows in stage3b / stage3c), then retrieval stages that keep
+practising it (stage5b, stage6, stage7), then stage8 with numbers cut into two-digit tokens (same vocabulary:
+``digit_pair_tokenizer``). Each stage is a length curriculum (LEN:STEPS phases; batch = tokens per step // LEN
+rows) starting from the previous stage's (or its ``init_from``'s) weights. After the export, two dense warm-up runs
+of ``parca retrofit`` (``INDEXER_RUNS``) train the indexer adapter into ``OUT/indexer`` (``--no-indexer`` skips
+them). stage1/stage2 (the earlier plumbing model) and the side branches stage4/stage5/stage7b stay runnable with
+``--stages``; the model card measures each.
 
 Usage::
 
-    python scripts/train_default_model.py --check              # tokenizer + stage 1 + stage 2 + export to
-                                                               # parca/assets/default; prints its wall time
-    python scripts/train_default_model.py --phases-override stage2=512:2000,4096:100,8192:50   # change a curriculum
+    python scripts/train_default_model.py --check              # tokenizer, the shipped stages, export and indexer
+                                                               # to parca/assets/default; prints its wall time
+    python scripts/train_default_model.py --phases-override stage8=1024:300   # change a curriculum
     python scripts/train_default_model.py --eval-only --lengths 1k,4k,8k --n 20   # greedy accuracy via Engine
     python scripts/train_default_model.py --probe              # tokens/s at each curriculum length, no training
     python scripts/train_default_model.py --induction-probe --probe-rows gap   # does a copy circuit form? (see the card)
@@ -104,7 +109,7 @@ STAGES = [
 STAGES += [
     {"name": "stage3", "phases": "128:1500", "lr": 1e-3, "warmup": 20, "decay": "wsd", "tokens_per_step": 8192,
      "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 256, "candidates": "batch",
-     "stop_below": 1.0, "min_steps": 50},
+     "stop_below": 1.0, "min_steps": 50, "from_scratch": True},
     {"name": "stage3b", "phases": "128:100,256:100,512:100", "lr": 1e-3, "warmup": 20, "decay": "wsd",
      "tokens_per_step": 8192, "prose_frac": 0.0, "copy_frac": 0.0, "gap_frac": 1.0, "gap_alphabet": 1024,
      "candidates": "batch"},
@@ -142,8 +147,29 @@ STAGES += [
      "prose_frac": 0.05, "copy_frac": 0.0, "gap_frac": 0.40, "gap_alphabet": 1024, "gap_numbers": True,
      "kv_frac": 0.30, "candidates": "gap", "init_from": "stage7"},
 ]
+# Session 6: stage7 found the needle at every length but could not copy a rare number token (copy loss on the 872
+# number tokens 5.6-5.8 nats at 2,048 tokens, uniform 6.8; the 1,024 frequent tokens 0.42): answers lost or changed
+# their first token (" 4281010" -> " 4381010", "81010."). Splitting numbers into two-digit groups
+# (``digit_pair_tokenizer``: same vocabulary) makes every value a string of 110 frequent tokens; stage8 retrains
+# retrieval on that tokenisation, mostly at short lengths (the errors did not depend on length) where a step holds
+# more samples.
+STAGES += [
+    {"name": "stage8", "phases": "1024:150,2048:100,4096:40,8192:20", "lr": 5e-4, "warmup": 10, "decay": "wsd",
+     "tokens_per_step": 8192, "prose_frac": 0.10, "copy_frac": 0.0, "gap_frac": 0.20, "gap_alphabet": 1024,
+     "kv_frac": 0.35, "candidates": "gap", "init_from": "stage7", "digit_pairs": True},
+    # stage8 answered 100% of passkeys at 4K and 8K but 80-90% of single needles at 8K (it saw 20 updates at 8K):
+    # stage8b continues at 4K and 8K with a larger share of task samples
+    {"name": "stage8b", "phases": "4096:30,8192:40", "lr": 3e-4, "warmup": 5, "decay": "wsd",
+     "tokens_per_step": 8192, "prose_frac": 0.05, "copy_frac": 0.0, "gap_frac": 0.15, "gap_alphabet": 1024,
+     "kv_frac": 0.35, "candidates": "gap", "init_from": "stage8", "digit_pairs": True},
+]
 DEFAULT_PHASES = STAGES[1]["phases"]  # what --probe measures
-SHIPPED_STAGES = "stage1,stage2"  # what made parca/assets/default; stages 3+ are the session-4 copy-first path
+# what made parca/assets/default (session 6): the copy-first chain. stage1/2 made the earlier plumbing model, stage4,
+# stage5 and stage7b were side branches (measured in the card, not shipped).
+SHIPPED_STAGES = "stage3,stage3b,stage3c,stage5b,stage6,stage7,stage8,stage8b"
+# the indexer adapter: two dense warm-up runs of `parca retrofit` on the exported model, the second continuing the
+# first (name, seq len, steps, batch, top-k, eval every, held-out windows)
+INDEXER_RUNS = [("idx2k", 2048, 30, 2, 256, 10, 4), ("idx8k", 8192, 16, 1, 2048, 8, 1)]
 
 
 def log(msg: str) -> None:
@@ -192,6 +218,26 @@ def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def digit_pair_tokenizer(src_dir: Path, out_dir: Path) -> None:
+    """``src_dir``'s tokenizer with numbers cut into two-digit groups before BPE (" 4281010" -> " ", "42", "81",
+    "01", "0"): the same vocabulary and ids (all 100 two-digit and 10 one-digit tokens are in it), so a model
+    trained with the original keeps its weights. A needle's value then uses 110 frequent tokens instead of 872
+    rare whole-number tokens, whose embeddings a copy never learned to tell apart (the card's "Session 6")."""
+    spec = json.loads((src_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = spec["pre_tokenizer"]
+    split = {"type": "Split", "pattern": {"Regex": "[0-9]{1,2}"}, "behavior": "Isolated", "invert": False}
+    if pre.get("type") == "Sequence" and pre["pretokenizers"][:1] == [split]:
+        pass  # already cut into pairs
+    elif pre.get("type") == "ByteLevel":
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, pre]}
+    else:
+        raise ValueError(f"expected a ByteLevel pre-tokenizer in {src_dir}, got {pre.get('type')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text((src_dir / "tokenizer_config.json").read_text(encoding="utf-8"),
+                                                   encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,11 +645,19 @@ def train(args) -> None:
             if (work / stage["name"] / "ckpt.pt").is_file():
                 prev_ckpt = work / stage["name"] / "ckpt.pt"  # a skipped stage that ran before seeds the next one
             continue
+        if stage.get("from_scratch"):  # a fresh init, whatever ran before it
+            model.load_state_dict(build_model(args, tok).state_dict())
+            prev_ckpt = None
         if "init_from" in stage:  # a stage that branches off an earlier one
             prev_ckpt = work / stage["init_from"] / "ckpt.pt"
             if not prev_ckpt.is_file():
                 raise SystemExit(f"{stage['name']} starts from {prev_ckpt}: run --stages {stage['init_from']} first")
         phases_text = overrides.get(stage["name"], stage["phases"])
+        if stage.get("digit_pairs"):  # from here on numbers are cut into two-digit groups (same vocabulary)
+            tok_dir = work / "tokenizer_digit_pairs"
+            if not (tok_dir / "tokenizer.json").is_file():
+                digit_pair_tokenizer(work / "tokenizer", tok_dir)
+            tok = Tokenizer(tok_dir)
         stats = run_stage(args, model, tok, tok_dir, work / stage["name"], si, stage, phases_text, prev_ckpt)
         all_stats.append(stats)
         prev_ckpt = work / stage["name"] / "ckpt.pt"
@@ -611,11 +665,51 @@ def train(args) -> None:
     export(model, tok_dir, out)
     train_s = sum(st["train_wall_s"] for st in all_stats)
     summary = {"params": n_params, "stages": all_stats, "steps": sum(st["steps"] for st in all_stats),
-               "tokens_seen": sum(st["tokens_seen"] for st in all_stats), "train_wall_s": round(train_s, 1),
-               "script_wall_s_this_run": round(time.time() - t0, 1)}
+               "tokens_seen": sum(st["tokens_seen"] for st in all_stats), "train_wall_s": round(train_s, 1)}
+    if not args.no_indexer:
+        summary["indexer"] = retrofit_indexer(args, out, work / "indexer")
+    summary["script_wall_s_this_run"] = round(time.time() - t0, 1)
     (work / "train_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"exported to {out}; {json.dumps(summary)}")
     log(f"wall time (this invocation): {time.time() - t0:.1f}s; training wall time incl. resumed parts: {train_s:.1f}s")
+
+
+def retrofit_indexer(args, model_dir: Path, work: Path) -> list[dict]:
+    """``parca retrofit`` (dense warm-up, base frozen) on the exported model: the ``INDEXER_RUNS``, each continuing
+    the previous one's adapter, then the last adapter copied to ``model_dir/indexer``. Resumable: a finished run
+    (status "done") is skipped, an interrupted one resumed from its checkpoint."""
+    import shutil
+
+    from parca.cli import main as parca_main
+
+    prose = ROOT / "parca" / "evals" / "data" / "prose.txt"
+    done, prev = [], None
+    for name, seq_len, steps, batch, topk, every, seqs in INDEXER_RUNS:
+        run_dir = work / name
+        record = run_dir / "training.json"
+        finished = record.is_file() and json.loads(record.read_text()).get("status") == "done"
+        if not finished:
+            argv = ["retrofit", "--model", str(model_dir), "--data", str(prose), "synthetic", "--out", str(run_dir),
+                    "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch),
+                    "--index-topk", str(topk), "--eval-every", str(every), "--eval-seqs", str(seqs)]
+            if prev is not None:
+                argv += ["--init", str(prev)]
+            if (run_dir / "checkpoint").is_dir():
+                argv.append("--resume")
+            log(f"indexer: parca {' '.join(argv)}")
+            if parca_main(argv) != 0:
+                raise SystemExit(f"indexer run {name} failed (see above); rerun to resume it")
+        rec = json.loads(record.read_text())
+        done.append({"name": name, "seq_len": seq_len, "steps": steps, "index_topk": topk,
+                     "wall_s": rec.get("wall_s"), "metrics": rec.get("metrics")})
+        prev = run_dir
+    dest = model_dir / "indexer"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("indexer.safetensors", "indexer_config.json", "training.json", "metrics.jsonl"):
+        shutil.copyfile(prev / f, dest / f)
+        os.chmod(dest / f, 0o644)
+    log(f"indexer adapter -> {dest}")
+    return done
 
 
 def run_stage(args, model, tok, tok_dir: Path, sdir: Path, si: int, stage: dict, phases_text: str,
@@ -964,6 +1058,8 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--no-indexer", action="store_true",
+                   help="skip the indexer adapter (parca retrofit, INDEXER_RUNS) after the export")
     p.add_argument("--resume", action="store_true", help="(default behaviour) resume from --work-dir/ckpt.pt")
     p.add_argument("--check", action="store_true", help="assert train_forward == model(ids) first")
     p.add_argument("--probe", action="store_true", help="measure tokens/s per curriculum length and exit")
