@@ -69,6 +69,16 @@ def test_tokenizer_round_trips_and_has_specials(tok) -> None:
     assert ids[0] == tok.bos_id
 
 
+def test_tokenizer_cuts_numbers_into_two_digit_tokens(tok) -> None:
+    """The shipped tokenizer is the digit-pair one (scripts/train_default_model.py ``digit_pair_tokenizer``): a
+    needle's value is a string of frequent one- and two-digit tokens, never a rare whole-number token."""
+    pieces = [tok.decode([i]) for i in tok.encode("The pass key is 4281010. Remember it.")]
+    assert pieces[pieces.index(" is") + 1 : pieces.index(" is") + 7] == [" ", "42", "81", "01", "0", "."]
+    for n in ("7", "31415", "25238", "1458143", "100000000"):
+        digits = [p for p in (tok.decode([i]) for i in tok.encode(f" {n}.")) if p.strip().isdigit()]
+        assert "".join(digits) == n and all(len(p) <= 2 for p in digits), (n, digits)
+
+
 def test_chat_template_renders(tok) -> None:
     text = tok.apply_chat_template([{"role": "user", "content": "What is the pass key?"}])
     assert text.startswith(tok.bos_token) and text.endswith("<|assistant|>\n")
@@ -88,7 +98,7 @@ def _passkey_outputs(model, tok, n: int = 2):
 
 
 def test_greedy_passkey_answer_has_the_trained_format(model, tok) -> None:
-    """What the shipped model does reliably (MODEL_CARD.md): it answers a passkey prompt with a number."""
+    """It answers a passkey prompt with a number and a full stop (the trained answer format)."""
     from parca.evals.scoring import first_integer
 
     _, texts = _passkey_outputs(model, tok)
@@ -106,9 +116,8 @@ def test_prose_is_modelled_better_than_chance(model, tok) -> None:
     assert nll < 7.0  # uniform over 8192 tokens is 9.01 nats; the shipped model measures ~5.9 here
 
 
-@pytest.mark.xfail(strict=False, reason="target not reached by the shipped CPU-trained model: greedy passkey "
-                   "accuracy measured 0/10 at 1K (see MODEL_CARD.md); passes once a retrained model retrieves")
 def test_greedy_passkey_at_1k_is_correct(model, tok) -> None:
+    """The shipped model retrieves (MODEL_CARD.md: passkey 10/10 at 1K with seeds 0-9; here the first two)."""
     from parca.evals.scoring import score
 
     samples, texts = _passkey_outputs(model, tok)

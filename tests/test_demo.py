@@ -1,4 +1,4 @@
-"""`parca demo` end to end on a tiny model (the shipped model's own run is in test_default_model.py)."""
+"""`parca demo` end to end: on a tiny random model, and (the README's main command, shortened) on the shipped one."""
 
 from __future__ import annotations
 
@@ -35,3 +35,5 @@ def test_demo_quick_on_the_shipped_model(tmp_path, capsys):
     doc = json.loads((out / "summary.json").read_text())
     assert doc["model"].endswith("default") and doc["indexer"].endswith("indexer") and doc["index_topk"] == 2048
     assert (out / "report.md").is_file() and len(doc["facts"]) == 2
+    for r in doc["facts"]:  # it retrieves (k = 2048 covers a 1K document, so sparse attends to every key too)
+        assert r["dense"]["correct"] and r["sparse"]["correct"], r

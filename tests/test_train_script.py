@@ -72,8 +72,9 @@ def test_copy_heads_of_the_shipped_model(script):
     for layer in res.values():
         assert len(layer["previous_token"]) == len(layer["induction"]) == 4
         assert all(0.0 <= x <= 1.0 for x in layer["previous_token"] + layer["induction"])
-    # what the card states: no induction head (attention to the target stays near uniform)
-    assert max(max(v["induction"]) for v in res.values()) < 0.05
+    # what the card states: a previous-token head in layer 0 and induction heads in layer 1 (uniform ~0.005)
+    assert max(res["layer0"]["previous_token"]) > 0.4
+    assert sum(x > 0.3 for x in res["layer1"]["induction"]) >= 2
 
 
 def test_induction_plateau_script_runs_each_flag():
@@ -158,7 +159,7 @@ def test_frequent_token_alphabet_of_gap_rows(script):
     for b in range(8):  # flagged rows are exactly the gap rows (tokens from the alphabet only)
         assert bool(mixed.last_gap_rows[b]) == (set(ids[b, 1:].tolist()) <= set(alpha)), b
     nums = script.number_tokens(tok)
-    assert tok.encode(" 25238")[:2] == [t for t in tok.encode(" 25238") if t in nums][:2]
+    assert [t for t in tok.encode(" 25238") if t in nums] == tok.encode(" 25238")[1:]  # " ", "25", "23", "8"
     assert all(tok.decode([t]).strip().isdigit() for t in nums) and len(nums) == len(set(nums))
     both = script.DataSource(tok, 0.0, 20.0, gap_frac=1.0, gap_alphabet=64, gap_numbers=True)
     assert both.gap_alphabet[:64] == alpha and set(both.gap_alphabet) == set(alpha) | set(nums)
@@ -228,5 +229,70 @@ def test_copy_eval_of_the_shipped_model(script):
                            answer_weight=20.0)
     table = script.copy_eval(a)
     assert len(table) == 14 and all(math.isfinite(v) and v > 0 for v in table.values())
-    # what the card states: the shipped model does not copy random tokens (uniform over 8,192 would be 9.01)
+    # what the card states: the shipped model copies its 1,024 most frequent tokens (0.43 nats at 2,048; uniform
+    # 6.93) but not random tokens of the whole vocabulary (8.7; uniform over 8,192 is 9.01)
+    assert table["gap L=2048, frequent 1024"] < 1.0
     assert table["gap L=512, whole vocabulary"] > 5.0
+
+
+def test_digit_pair_tokenizer_keeps_the_vocabulary_and_cuts_numbers(script, tmp_path):
+    """``digit_pair_tokenizer``: a ByteLevel BPE tokenizer whose merges made whole-number tokens encodes numbers as
+    two-digit groups afterwards, with the same vocabulary and ids, round-trips text, and is idempotent."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from parca.tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, min_frequency=1, special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(["The pass key is 4281010. Remember 4281010 and 25238."] * 50, trainer=trainer)
+    hf.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
+    before = Tokenizer(src)
+    assert any(len(before.decode([i]).strip()) > 2 and before.decode([i]).strip().isdigit()
+               for i in before.encode(" 4281010"))  # the merges made a long number token
+    script.digit_pair_tokenizer(src, tmp_path / "pairs")
+    after = Tokenizer(tmp_path / "pairs")
+    assert after.vocab_size == before.vocab_size
+    assert json.loads((tmp_path / "pairs" / "tokenizer.json").read_text())["model"] == \
+        json.loads((src / "tokenizer.json").read_text())["model"]  # same vocabulary and merges
+    pieces = [after.decode([i]) for i in after.encode("key is 4281010.")]
+    digits = [p for p in pieces if p.isdigit()]
+    assert "".join(digits) == "4281010" and all(len(p) <= 2 for p in digits) and pieces[-1] == "."
+    for text in ["The pass key is 4281010. Remember it.", "x1.5 and 25238, 7", "no digits here"]:
+        assert after.decode(after.encode(text)) == text
+    script.digit_pair_tokenizer(tmp_path / "pairs", tmp_path / "again")  # already cut: unchanged
+    assert (tmp_path / "again" / "tokenizer.json").read_text() == (tmp_path / "pairs" / "tokenizer.json").read_text()
+
+
+def test_retrofit_indexer_step_writes_a_matching_adapter_and_resumes(script, tmp_path, monkeypatch):
+    """The script's last step: ``INDEXER_RUNS`` of ``parca retrofit`` on the exported model, the second continuing
+    the first, the last adapter copied to ``OUT/indexer``; a rerun skips finished runs."""
+    import argparse
+    import json
+
+    from parca.checkpoint import load_model
+
+    tok, tok_dir, model, _ = _tiny_stage_setup()
+    out = tmp_path / "model"
+    script.export(model, tok_dir, out)
+    monkeypatch.setattr(script, "INDEXER_RUNS", [("a", 64, 2, 1, 8, 0, 1), ("b", 128, 1, 1, 16, 0, 1)])
+    runs = script.retrofit_indexer(argparse.Namespace(), out, tmp_path / "indexer")
+    assert [r["name"] for r in runs] == ["a", "b"] and [r["index_topk"] for r in runs] == [8, 16]
+    cfg = json.loads((out / "indexer" / "indexer_config.json").read_text())
+    assert cfg["index_topk"] == 16
+    rec = json.loads((out / "indexer" / "training.json").read_text())
+    assert rec["status"] == "done" and rec["seq_len"] == 128
+    m = load_model(out, indexer=out / "indexer")  # refused if the adapter were made for other weights
+    assert m.sparse_config.index_topk == 16
+    stamp = (tmp_path / "indexer" / "a" / "indexer.safetensors").stat().st_mtime_ns
+    again = script.retrofit_indexer(argparse.Namespace(), out, tmp_path / "indexer")
+    assert [r["name"] for r in again] == ["a", "b"]
+    assert (tmp_path / "indexer" / "a" / "indexer.safetensors").stat().st_mtime_ns == stamp  # skipped, not rerun
