@@ -667,14 +667,14 @@ def train(args) -> None:
     summary = {"params": n_params, "stages": all_stats, "steps": sum(st["steps"] for st in all_stats),
                "tokens_seen": sum(st["tokens_seen"] for st in all_stats), "train_wall_s": round(train_s, 1)}
     if not args.no_indexer:
-        summary["indexer"] = retrofit_indexer(args, out, work / "indexer")
+        summary["indexer"] = retrofit_indexer(out, work / "indexer")
     summary["script_wall_s_this_run"] = round(time.time() - t0, 1)
     (work / "train_stats.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"exported to {out}; {json.dumps(summary)}")
     log(f"wall time (this invocation): {time.time() - t0:.1f}s; training wall time incl. resumed parts: {train_s:.1f}s")
 
 
-def retrofit_indexer(args, model_dir: Path, work: Path) -> list[dict]:
+def retrofit_indexer(model_dir: Path, work: Path) -> list[dict]:
     """``parca retrofit`` (dense warm-up, base frozen) on the exported model: the ``INDEXER_RUNS``, each continuing
     the previous one's adapter, then the last adapter copied to ``model_dir/indexer``. Resumable: a finished run
     (status "done") is skipped, an interrupted one resumed from its checkpoint."""

@@ -275,7 +275,6 @@ def test_digit_pair_tokenizer_keeps_the_vocabulary_and_cuts_numbers(script, tmp_
 def test_retrofit_indexer_step_writes_a_matching_adapter_and_resumes(script, tmp_path, monkeypatch):
     """The script's last step: ``INDEXER_RUNS`` of ``parca retrofit`` on the exported model, the second continuing
     the first, the last adapter copied to ``OUT/indexer``; a rerun skips finished runs."""
-    import argparse
     import json
 
     from parca.checkpoint import load_model
@@ -284,7 +283,7 @@ def test_retrofit_indexer_step_writes_a_matching_adapter_and_resumes(script, tmp
     out = tmp_path / "model"
     script.export(model, tok_dir, out)
     monkeypatch.setattr(script, "INDEXER_RUNS", [("a", 64, 2, 1, 8, 0, 1), ("b", 128, 1, 1, 16, 0, 1)])
-    runs = script.retrofit_indexer(argparse.Namespace(), out, tmp_path / "indexer")
+    runs = script.retrofit_indexer(out, tmp_path / "indexer")
     assert [r["name"] for r in runs] == ["a", "b"] and [r["index_topk"] for r in runs] == [8, 16]
     cfg = json.loads((out / "indexer" / "indexer_config.json").read_text())
     assert cfg["index_topk"] == 16
@@ -293,6 +292,6 @@ def test_retrofit_indexer_step_writes_a_matching_adapter_and_resumes(script, tmp
     m = load_model(out, indexer=out / "indexer")  # refused if the adapter were made for other weights
     assert m.sparse_config.index_topk == 16
     stamp = (tmp_path / "indexer" / "a" / "indexer.safetensors").stat().st_mtime_ns
-    again = script.retrofit_indexer(argparse.Namespace(), out, tmp_path / "indexer")
+    again = script.retrofit_indexer(out, tmp_path / "indexer")
     assert [r["name"] for r in again] == ["a", "b"]
     assert (tmp_path / "indexer" / "a" / "indexer.safetensors").stat().st_mtime_ns == stamp  # skipped, not rerun
